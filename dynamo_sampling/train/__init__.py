@@ -1,0 +1,1 @@
+"""Training utilities: stdlib code corpus, tokenizer and data preparation."""

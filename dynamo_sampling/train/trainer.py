@@ -1,0 +1,272 @@
+"""Training of MTP models (used by ``dynamo-sampling train`` and the HF head trainer).
+
+The DynaMo recipe (Tuli et al. 2024, Sec. 3.1), with every number a field of :class:`TrainConfig`:
+
+* phase 1 (``pretrain_fraction`` of the steps): stem + head 1 as an ordinary LM (``heads=1``);
+* phase 2: heads 2..H join (randomly initialised; the paper found copying layer L worse) and all
+  train with three learning rates: stem + head 1 at ``lr * stem_lr_scale`` (low), heads 2..H at
+  ``lr`` (100x higher), and the gradient that heads 2..H send into the stem scaled by
+  ``head_to_stem_grad_scale`` (10x lower than the stem's own).
+``recipe="joint"`` trains all heads with one learning rate from the first step instead.
+
+Gloeckle et al.'s memory trick: the stem runs once, its output is detached, each head runs
+forward + backward on its own (so only one head's ``(B, T, V)`` logits live at a time), the
+gradients accumulate on the detached stem output, and one backward through the stem follows.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..models.tiny import TinyMTP, TinyMTPConfig
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str = "runs/data"  # train.npy / val.npy (uint16 token streams) from train.tokenizer
+    out_dir: str = "runs/tiny"
+    recipe: str = "dynamo"  # "dynamo" (two phases, three learning rates) or "joint"
+    steps: int = 3000
+    pretrain_fraction: float = 0.6  # dynamo recipe: share of steps for stem + head 1 alone
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 2e-3  # peak; cosine decay to lr * min_lr_ratio in each phase
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    stem_lr_scale: float = 0.1  # phase 2: stem + head 1 learn this much slower than the new heads
+    head_to_stem_grad_scale: float = 0.1  # phase 2: heads 2..H gradients into the stem
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    bf16: bool = False  # autocast; measured 100x SLOWER than fp32 on this AMD EPYC (no AMX): use on CUDA or AMX CPUs
+    seed: int = 0
+    eval_every: int = 250
+    eval_batches: int = 8
+    checkpoint_every: int = 250
+    device: str = "cpu"
+    threads: int = 0  # torch.set_num_threads; 0 leaves the default
+    time_budget_s: float = 0.0  # stop (and save) after this many seconds; 0 = no limit
+    model: dict = field(default_factory=dict)  # TinyMTPConfig fields (vocab_size from the data)
+
+
+def head_losses(model: TinyMTP, x: torch.Tensor, heads: int, grad_scales=None, backward: bool = True):
+    """Per-head cross-entropy on a window batch, with Gloeckle's per-head backward.
+
+    x : LongTensor (B, T + H); inputs are x[:, :T]; head h (1-based) at position t predicts x[t + h].
+    grad_scales : per-head factor for the gradient sent into the stem (None: all 1).
+    Returns a list of ``heads`` float losses (Python floats).
+    """
+    H = model.n_heads
+    T = x.shape[1] - H
+    inp = x[:, :T]
+    pos = torch.arange(T, device=x.device).expand_as(inp)
+    h_stem, rope = model.stem_forward(inp, pos)
+    h_detached = h_stem.detach().requires_grad_(backward)
+    stem_grad = None
+    losses = []
+    for h in range(heads):
+        hidden = model.head_hidden(h_detached, rope, pos, h)
+        logits = model.unembed(hidden)  # (B, T, V)
+        target = x[:, h + 1:h + 1 + T]
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
+        losses.append(loss.item())
+        if backward:
+            (loss / heads).backward()
+            g = h_detached.grad
+            scale = 1.0 if grad_scales is None else grad_scales[h]
+            stem_grad = g * scale if stem_grad is None else stem_grad + g * scale
+            h_detached.grad = None
+    if backward:
+        h_stem.backward(stem_grad)
+    return losses
+
+
+def _batch(data: np.ndarray, batch_size: int, width: int, rng: np.random.Generator, device) -> torch.Tensor:
+    starts = rng.integers(0, len(data) - width, size=batch_size)
+    return torch.from_numpy(np.stack([data[s:s + width].astype(np.int64) for s in starts])).to(device)
+
+
+def _lr_at(step: int, start: int, end: int, cfg: TrainConfig) -> float:
+    """Warmup then cosine within the phase [start, end)."""
+    i = step - start
+    if i < cfg.warmup_steps:
+        return (i + 1) / cfg.warmup_steps
+    frac = (i - cfg.warmup_steps) / max(1, end - start - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def _param_groups(model: TinyMTP):
+    """(stem + head 1 params, heads 2..H params), each split into decay / no-decay."""
+    base, heads = [], []
+    for name, p in model.named_parameters():
+        new_head = (name.startswith("head_layers.") or name.startswith("head_norms.")) and int(name.split(".")[1]) > 0
+        (heads if new_head else base).append((name, p))
+    return base, heads
+
+
+def _make_optimizer(model, cfg: TrainConfig, phase: int):
+    base, heads = _param_groups(model)
+    groups = []
+    for params, scale, tag in ((base, 1.0 if phase == 1 or cfg.recipe == "joint" else cfg.stem_lr_scale, "base"),
+                               (heads, 1.0, "heads")):
+        decay = [p for n, p in params if p.dim() >= 2]
+        no_decay = [p for n, p in params if p.dim() < 2]
+        groups.append({"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": scale, "tag": tag})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": scale, "tag": tag})
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=False)
+
+
+def save_model(model: TinyMTP, path: str, dtype=torch.bfloat16):
+    """model.safetensors + config.json into directory ``path`` (weights cast to ``dtype``)."""
+    os.makedirs(path, exist_ok=True)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items() if k != "unembed.weight"
+             or not model.config.tie_embeddings}
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "dynamo_sampling.TinyMTP"})
+    Path(path, "config.json").write_text(model.config.to_json())
+
+
+def load_model(path: str, device="cpu", dtype=torch.float32) -> TinyMTP:
+    """Inverse of :func:`save_model`. Clear errors for missing or corrupted files."""
+    cfg_path, w_path = Path(path, "config.json"), Path(path, "model.safetensors")
+    for f in (cfg_path, w_path):
+        if not f.is_file():
+            raise FileNotFoundError(f"model file {f} is missing; expected config.json and model.safetensors in {path}")
+    try:
+        cfg = TinyMTPConfig.from_dict(json.loads(cfg_path.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"model config {cfg_path} is corrupted: {e}") from e
+    try:
+        state = load_file(str(w_path))
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise ValueError(f"model weights {w_path} are corrupted or not safetensors: {e}") from e
+    model = TinyMTP(cfg)
+    if cfg.tie_embeddings:
+        state["unembed.weight"] = state.get("embed.weight")
+    missing = set(model.state_dict()) - set(state)
+    if missing:
+        raise ValueError(f"model weights {w_path} lack tensors {sorted(missing)[:5]}")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _save_checkpoint(model, opt, step, cfg: TrainConfig, history):
+    ck = Path(cfg.out_dir, "checkpoint")
+    save_model(model, str(ck), dtype=torch.float32)
+    opt_state = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if st:
+                for key in ("exp_avg", "exp_avg_sq", "step"):
+                    opt_state[f"{names[id(p)]}::{key}"] = torch.as_tensor(st[key]).float().contiguous()
+    save_file(opt_state, str(ck / "optimizer.safetensors"))
+    Path(ck, "trainer.json").write_text(json.dumps({"step": step, "config": asdict(cfg), "history": history}))
+
+
+def _load_checkpoint(model, opt, cfg: TrainConfig):
+    ck = Path(cfg.out_dir, "checkpoint")
+    meta = json.loads(Path(ck, "trainer.json").read_text())
+    state = load_file(str(ck / "model.safetensors"))
+    if model.config.tie_embeddings:
+        state["unembed.weight"] = state["embed.weight"]
+    model.load_state_dict(state)
+    ostate = load_file(str(ck / "optimizer.safetensors"))
+    for name, p in model.named_parameters():
+        if f"{name}::exp_avg" in ostate:
+            opt.state[p] = {"exp_avg": ostate[f"{name}::exp_avg"], "exp_avg_sq": ostate[f"{name}::exp_avg_sq"],
+                            "step": ostate[f"{name}::step"].reshape(())}
+    return meta["step"], meta["history"]
+
+
+@torch.no_grad()
+def evaluate(model: TinyMTP, data: np.ndarray, cfg: TrainConfig, heads: int) -> list:
+    """Mean per-head loss over ``eval_batches`` fixed windows of ``data``."""
+    model.eval()
+    rng = np.random.default_rng(1234)
+    totals = np.zeros(heads)
+    for _ in range(cfg.eval_batches):
+        x = _batch(data, cfg.batch_size, cfg.seq_len + model.n_heads, rng, cfg.device)
+        with torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            totals += np.array(head_losses(model, x, heads, backward=False))
+    model.train()
+    return (totals / cfg.eval_batches).tolist()
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train a TinyMTP on ``cfg.data_dir``; saves the final model to ``cfg.out_dir/final``."""
+    from tqdm import tqdm
+
+    if cfg.recipe not in ("dynamo", "joint"):
+        raise ValueError(f"recipe must be 'dynamo' or 'joint', got {cfg.recipe!r}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    meta = json.loads(Path(cfg.data_dir, "data.json").read_text())
+    train_data = np.load(Path(cfg.data_dir, "train.npy"), mmap_mode="r")
+    val_data = np.load(Path(cfg.data_dir, "val.npy"), mmap_mode="r")
+    mcfg = TinyMTPConfig.from_dict({**cfg.model, "vocab_size": meta["vocab_size"]})
+    model = TinyMTP(mcfg).to(cfg.device).train()
+    H = mcfg.n_heads
+    split = int(cfg.steps * cfg.pretrain_fraction) if cfg.recipe == "dynamo" else 0
+    phase = 1 if split > 0 else 2
+    opt = _make_optimizer(model, cfg, phase)
+    step, history = 0, []
+    ck_meta = Path(cfg.out_dir, "checkpoint", "trainer.json")
+    if resume and ck_meta.is_file():
+        phase = 1 if json.loads(ck_meta.read_text())["step"] < split else 2
+        opt = _make_optimizer(model, cfg, phase)
+        step, history = _load_checkpoint(model, opt, cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed + step)
+    width = cfg.seq_len + H
+    t0, tokens_seen = time.time(), 0
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, dynamic_ncols=True)
+    while step < cfg.steps:
+        if phase == 1 and step >= split:
+            phase = 2
+            opt = _make_optimizer(model, cfg, phase)
+        heads = 1 if phase == 1 else H
+        lo, hi = (0, split) if phase == 1 else (split, cfg.steps)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * g["lr_scale"] * _lr_at(step, lo, hi, cfg)
+        scales = None
+        if phase == 2 and cfg.recipe == "dynamo":
+            scales = [1.0] + [cfg.head_to_stem_grad_scale] * (H - 1)
+        x = _batch(train_data, cfg.batch_size, width, rng, cfg.device)
+        with torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            losses = head_losses(model, x, heads, scales)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += cfg.batch_size * cfg.seq_len
+        tps = tokens_seen / max(1e-9, time.time() - t0)
+        bar.set_postfix_str(" ".join(f"h{i + 1}={l:.3f}" for i, l in enumerate(losses)) + f" tok/s={tps:,.0f}")
+        bar.update(1)
+        record = {"step": step, "phase": phase, "train": losses, "tok_s": tps, "time": time.time() - t0}
+        over_budget = cfg.time_budget_s and time.time() - t0 > cfg.time_budget_s
+        if step % cfg.eval_every == 0 or step == cfg.steps or over_budget:
+            record["val"] = evaluate(model, val_data, cfg, heads)
+            bar.write(f"step {step} phase {phase} val " + " ".join(f"h{i + 1}={l:.3f}" for i, l in enumerate(record["val"])))
+        history.append(record)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or over_budget:
+            _save_checkpoint(model, opt, step, cfg, history)
+        if over_budget:
+            bar.write(f"time budget of {cfg.time_budget_s:.0f}s reached at step {step}")
+            break
+    bar.close()
+    save_model(model, str(Path(cfg.out_dir, "final")))
+    summary = {"steps": step, "tokens": step * cfg.batch_size * cfg.seq_len, "seconds": time.time() - t0,
+               "final_val": history[-1].get("val") if history else None, "config": asdict(cfg)}
+    Path(cfg.out_dir, "summary.json").write_text(json.dumps(summary, indent=2))
+    return {"model": model, "history": history, **summary}

@@ -1,0 +1,70 @@
+"""TinyMTP: the cache, padding and the heads argument."""
+import pytest
+import torch
+
+from dynamo_sampling import TinyMTP, TinyMTPConfig
+
+TOL = 1e-5  # fp32; cached and uncached paths run the same ops on different shapes
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return TinyMTP(TinyMTPConfig(vocab_size=97, n_layer=3, n_heads=3, d_model=32, n_attn_heads=4, d_ff=64,
+                                 max_seq_len=64)).eval()
+
+
+@torch.no_grad()
+def test_incremental_cache_equals_full_forward(model):
+    ids = torch.randint(0, 97, (3, 20))
+    pos = torch.arange(20).expand(3, 20)
+    full = model(ids, pos)  # (3, 20, 3, 97)
+    cache = model.new_cache(3)
+    pieces = [model(ids[:, a:b], pos[:, a:b], cache) for a, b in [(0, 7), (7, 8), (8, 11), (11, 20)]]
+    assert torch.allclose(torch.cat(pieces, 1), full, atol=TOL)
+
+
+@torch.no_grad()
+def test_ragged_feed_and_rollback(model):
+    ids = torch.randint(0, 97, (2, 12))
+    pos = torch.arange(12).expand(2, 12)
+    full = model(ids, pos)
+    cache = model.new_cache(2)
+    model(ids[:, :5], pos[:, :5], cache)
+    # row 0 feeds 3 tokens, row 1 feeds 1 token plus padding
+    feed_pos = torch.tensor([[5, 6, 7], [5, -1, -1]])
+    out = model(ids[:, 5:8], feed_pos, cache)
+    assert torch.allclose(out[0], full[0, 5:8], atol=TOL)
+    assert torch.allclose(out[1, 0], full[1, 5], atol=TOL)
+    # roll row 0 back to length 6 by overwriting position 6 with other tokens: stale slot 7 is never read
+    other = torch.randint(0, 97, (1, 1))
+    out2 = model(torch.cat([other, ids[1:, 6:7]]), torch.tensor([[6], [6]]), cache)
+    ref = model(torch.cat([ids[:1, :6], other], 1), torch.arange(7)[None])[0, 6]
+    assert torch.allclose(out2[0, 0], ref, atol=TOL)
+    assert torch.allclose(out2[1, 0], full[1, 6], atol=TOL)
+
+
+@torch.no_grad()
+def test_heads_argument_computes_leading_heads_only(model):
+    ids = torch.randint(0, 97, (2, 6))
+    pos = torch.arange(6).expand(2, 6)
+    all_heads = model(ids, pos)
+    one = model(ids, pos, heads=1)
+    assert one.shape == (2, 6, 1, 97)
+    assert torch.allclose(one[:, :, 0], all_heads[:, :, 0], atol=TOL)
+    with pytest.raises(ValueError, match="heads must be in 1..3, got 4"):
+        model(ids, pos, heads=4)
+
+
+def test_heads_are_distinct_modules(model):
+    assert len({id(m) for m in model.head_layers}) == model.n_heads
+    assert model.head_layers[0].qkv.weight.data_ptr() != model.head_layers[1].qkv.weight.data_ptr()
+
+
+def test_config_round_trip_and_errors():
+    cfg = TinyMTPConfig(vocab_size=50, n_heads=4)
+    assert TinyMTPConfig.from_dict(__import__("json").loads(cfg.to_json())) == cfg
+    with pytest.raises(ValueError, match="n_layer must be >= 2"):
+        TinyMTPConfig(n_layer=1)
+    with pytest.raises(ValueError, match="unknown TinyMTPConfig fields"):
+        TinyMTPConfig.from_dict({"vocab_size": 5, "bogus": 1})

@@ -1,0 +1,231 @@
+"""sample(): the three strategies, ragged batches, exactness of speculative decoding, errors."""
+import math
+
+import pytest
+import torch
+
+from dynamo_sampling import DynamoConfig, TinyMTP, TinyMTPConfig, sample
+from toy_models import NaNModel, oracle_model, random_table_model
+
+V = 101
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = TinyMTP(TinyMTPConfig(vocab_size=V, n_layer=3, n_heads=3, d_model=48, n_attn_heads=4, d_ff=96,
+                              max_seq_len=128)).eval()
+    with torch.no_grad():  # peaky logits: greedy comparisons must not hinge on 1e-7 near-ties
+        m.embed.weight.mul_(25.0)
+    return m
+
+
+def ragged_batch(n_rows, seed, min_len=2, max_len=12):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(min_len, max_len + 1, (n_rows,), generator=g)
+    S = int(lens.max())
+    ids = torch.zeros(n_rows, S, dtype=torch.long)
+    mask = torch.zeros(n_rows, S, dtype=torch.long)
+    for i, n in enumerate(lens.tolist()):
+        ids[i, S - n:] = torch.randint(0, V, (n,), generator=g)
+        mask[i, S - n:] = 1
+    return ids, mask
+
+
+def new_tokens(out, S):
+    return out[:, S:]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_speculative_greedy_equals_ar_batch1(model, seed):
+    ids, _ = ragged_batch(1, seed)
+    ar = sample(model, ids, strategy="ar", max_new_tokens=16)
+    spec = sample(model, ids, strategy="speculative", max_new_tokens=16, eps_b=0.0)
+    assert torch.equal(spec, ar)
+
+
+@pytest.mark.parametrize("strategy", ["ar", "dynamo", "speculative"])
+def test_ragged_batch_rows_equal_rows_alone(model, strategy):
+    ids, mask = ragged_batch(8, seed=123)
+    S = ids.shape[1]
+    batch = sample(model, ids, mask, strategy=strategy, max_new_tokens=12, eps_b=0.05)
+    for i in range(8):
+        alone = sample(model, ids[i:i + 1, mask[i].bool()], strategy=strategy, max_new_tokens=12, eps_b=0.05)
+        assert torch.equal(batch[i, S:], alone[0, -12:]), f"row {i}"
+    if strategy == "speculative":
+        ar = sample(model, ids, mask, strategy="ar", max_new_tokens=12)
+        assert torch.equal(batch, ar)
+
+
+def test_dynamo_eps_b_one_equals_ar_and_zero_emits_all_heads(model):
+    ids, mask = ragged_batch(4, seed=7)
+    ar = sample(model, ids, mask, strategy="ar", max_new_tokens=10)
+    assert torch.equal(sample(model, ids, mask, strategy="dynamo", max_new_tokens=10, eps_b=1.0), ar)
+    out = sample(model, ids, mask, strategy="dynamo", max_new_tokens=12, eps_b=0.0, return_dict_in_generate=True)
+    assert out.histogram[:, :2].sum() == 0  # every step emitted H = 3 tokens
+    assert torch.equal(out.steps, torch.full((4,), 4))
+    assert torch.equal(out.tokens_per_step, torch.full((4,), 3.0))
+
+
+@pytest.mark.parametrize("strategy", ["dynamo", "speculative"])
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_oracle_heads_emit_h_tokens_per_step(strategy, do_sample):
+    model = oracle_model(V=16, H=3)
+    start = torch.tensor([[3], [5]])
+    out = sample(model, start, strategy=strategy, max_new_tokens=12, do_sample=do_sample, eps_b=0.5,
+                 generator=torch.Generator().manual_seed(0), return_dict_in_generate=True)
+    assert torch.equal(out.histogram, torch.tensor([[0, 0, 4], [0, 0, 4]]))
+    # and the tokens are the sequence the model knows
+    expect = [start[:, 0]]
+    for _ in range(12):
+        expect.append(model.successor[expect[-1]])
+    assert torch.equal(out.sequences, torch.stack(expect, 1))
+
+
+def _pair_frequencies(model, strategy, n_draws, prompt_token, seed):
+    counts = torch.zeros(model.vocab_size, model.vocab_size)
+    ids = torch.full((n_draws, 1), prompt_token)
+    out = sample(model, ids, strategy=strategy, max_new_tokens=2, do_sample=True, temperature=1.0, top_k=None,
+                 eps_b=0.0, generator=torch.Generator().manual_seed(seed), return_dict_in_generate=True)
+    seq = out.sequences
+    counts.index_put_((seq[:, 1], seq[:, 2]), torch.ones(n_draws), accumulate=True)
+    return counts, out
+
+
+def test_sampled_speculative_matches_ar_distribution():
+    """Pairs (x1, x2) after a fixed prompt: the exact ar distribution is P1[x0, x1] * P1[x1, x2].
+    Speculative drafts x2 from head 2 (a different table), so acceptance and residual draws matter.
+    Bound: every cell within 5 standard deviations of a binomial, and total variation < 0.02."""
+    model = random_table_model(V=6, H=2, seed=3)
+    P = torch.softmax(model.table[0], -1).double()  # (V, V) head-1 transition
+    x0 = 2
+    exact = P[x0][:, None] * P  # (V, V)
+    n = 60000
+    counts, out = _pair_frequencies(model, "speculative", n, x0, seed=1)
+    assert out.accepted.sum() > 0 and out.accepted.sum() < out.drafted.sum()  # drafts were both kept and rejected
+    freq = counts.double() / n
+    sd = (exact * (1 - exact) / n).sqrt()
+    assert ((freq - exact).abs() <= 5 * sd + 1e-9).all(), (freq - exact).abs().max()
+    assert 0.5 * (freq - exact).abs().sum() < 0.02
+    assert counts[exact == 0].sum() == 0  # zero-probability pairs never drawn
+    ar_counts, _ = _pair_frequencies(model, "ar", n, x0, seed=2)
+    assert 0.5 * (ar_counts.double() / n - exact).abs().sum() < 0.02
+
+
+@pytest.mark.parametrize("strategy", ["ar", "dynamo", "speculative"])
+def test_zero_probability_tokens_never_drawn(strategy):
+    """Token 0 has probability 0 under every head; each token's successor +1 has probability 0
+    under head 1, which binds ar and speculative (exact) but not the lossy dynamo n-grams."""
+    model = random_table_model(V=6, H=3, seed=5)
+    model.table[:, :, 0] = float("-inf")
+    ids = torch.randint(1, 6, (500, 1), generator=torch.Generator().manual_seed(0))
+    seq = sample(model, ids, strategy=strategy, max_new_tokens=6, do_sample=True, temperature=1.0, top_k=None,
+                 eps_b=0.0, generator=torch.Generator().manual_seed(1))
+    assert not (seq == 0).any()
+    if strategy != "dynamo":
+        forbidden = (seq[:, :-1] + 1) % 6
+        assert not (seq[:, 1:] == forbidden).any()
+
+
+@pytest.mark.parametrize("strategy", ["ar", "dynamo", "speculative"])
+def test_same_seed_same_tokens(strategy):
+    torch.manual_seed(1)  # default init: near-uniform heads, so different seeds must differ
+    model = TinyMTP(TinyMTPConfig(vocab_size=V, n_layer=2, n_heads=3, d_model=32, n_attn_heads=4, d_ff=64,
+                                  max_seq_len=64)).eval()
+    ids, mask = ragged_batch(3, seed=11)
+    run = lambda s: sample(model, ids, mask, strategy=strategy, max_new_tokens=10, do_sample=True,
+                           generator=torch.Generator().manual_seed(s))
+    assert torch.equal(run(5), run(5))
+    assert not torch.equal(run(5), run(6))
+
+
+def test_eos_stops_rows_and_pads():
+    model = oracle_model(V=16, H=3)
+    start = torch.tensor([[3], [5]])
+    eos = int(model.successor[model.successor[3]])  # row 0 reaches it at its 2nd new token
+    out = sample(model, start, strategy="dynamo", max_new_tokens=9, eos_token_id=eos, pad_token_id=15,
+                 eps_b=0.0, return_dict_in_generate=True)
+    assert out.sequences[0, 2].item() == eos and (out.sequences[0, 3:] == 15).all()
+    assert out.new_tokens[0].item() == 2
+    seq1 = out.sequences[1].tolist()
+    if eos in seq1[1:]:
+        j = seq1.index(eos, 1)
+        assert all(t == 15 for t in seq1[j + 1:])
+    else:
+        assert out.new_tokens[1].item() == 9
+
+
+def test_streamer_receives_every_token(model):
+    class Collect:
+        def __init__(self):
+            self.rows, self.ended = None, False
+
+        def put(self, tokens):
+            self.rows = [[] for _ in tokens] if self.rows is None else self.rows
+            for r, t in zip(self.rows, tokens):
+                r.extend(t.tolist())
+
+        def end(self):
+            self.ended = True
+
+    ids, mask = ragged_batch(3, seed=1)
+    s = Collect()
+    out = sample(model, ids, mask, strategy="dynamo", max_new_tokens=9, streamer=s, eps_b=0.0)
+    assert s.ended and s.rows == out[:, ids.shape[1]:].tolist()
+
+
+def test_statistics_fields(model):
+    ids, mask = ragged_batch(2, seed=4)
+    out = sample(model, ids, mask, strategy="speculative", max_new_tokens=15, eps_b=0.0, return_dict_in_generate=True)
+    assert torch.equal(out.new_tokens, torch.tensor([15, 15]))
+    assert torch.equal(out.histogram.sum(1), out.steps)
+    assert torch.equal((out.histogram * torch.arange(1, 4)).sum(1), out.new_tokens)
+    assert torch.allclose(out.tokens_per_step, out.new_tokens / out.steps)
+    assert out.wall_time > 0
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_errors(model):
+    ids = torch.tensor([[1, 2, 3]])
+    cases = [
+        (dict(input_ids=torch.tensor([1, 2])), ValueError, r"input_ids must be 2-D \(batch, seq_len\), got shape \(2,\)"),
+        (dict(input_ids=ids.float()), TypeError, "input_ids must be an integer tensor, got dtype torch.float32"),
+        (dict(input_ids=torch.tensor([[1, V]])), ValueError, rf"input_ids must be in \[0, {V}\).*got {V}"),
+        (dict(input_ids=torch.tensor([[-1, 2]])), ValueError, r"input_ids must be in \[0, 101\).*got -1"),
+        (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), ValueError, "at least one prompt token"),
+        (dict(attention_mask=torch.ones(1, 4)), ValueError, r"attention_mask must have the shape of input_ids \(1, 3\), got \(1, 4\)"),
+        (dict(attention_mask=torch.tensor([[1, 0, 1]])), ValueError, "attention_mask must be left-padded"),
+        (dict(attention_mask=torch.tensor([[0, 0, 0]])), ValueError, r"every prompt needs at least one token; rows \[0\]"),
+        (dict(max_new_tokens=126), ValueError, "prompt length 3 \\+ max_new_tokens 126 = 129 exceeds the model's context of 128"),
+        (dict(strategy="beam"), ValueError, "unknown strategy 'beam'; expected one of"),
+        (dict(do_sample=True, temperature=0.0), ValueError, "temperature must be > 0 when do_sample=True, got 0.0"),
+        (dict(top_k=0), ValueError, "top_k must be an int >= 1 or None, got 0"),
+        (dict(eps_b=1.5), ValueError, r"eps_b must be in \[0, 1\], got 1.5"),
+        (dict(eps_b=-0.1), ValueError, r"eps_b must be in \[0, 1\], got -0.1"),
+        (dict(generator=3), TypeError, "generator must be a torch.Generator"),
+        (dict(streamer=object()), TypeError, "streamer must have put"),
+    ]
+    for kwargs, exc, msg in cases:
+        kw = {"input_ids": ids, **kwargs}
+        with pytest.raises(exc, match=msg):
+            sample(model, **kw)
+
+
+def test_stats_of_other_vocabulary_rejected(model):
+    class Stats:
+        vocab_size, max_order = 50, 3
+
+    with pytest.raises(ValueError, match=f"statistics have vocabulary size 50, expected the model's {V}"):
+        sample(model, torch.tensor([[1, 2]]), stats=Stats())
+    Stats.vocab_size, Stats.max_order = V, 2
+    with pytest.raises(ValueError, match="max_order 2 cannot weight the 3-grams"):
+        sample(model, torch.tensor([[1, 2]]), stats=Stats())
+
+
+@pytest.mark.parametrize("strategy", ["ar", "dynamo", "speculative"])
+def test_nan_logits_raise(strategy):
+    model = NaNModel(torch.zeros(2, 5, 5))
+    with pytest.raises(ValueError, match="the model returned NaN logits"):
+        sample(model, torch.tensor([[1]]), strategy=strategy)

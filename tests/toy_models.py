@@ -1,0 +1,56 @@
+"""Tiny models that follow the MTP protocol with known outputs (used by the decoding tests)."""
+import torch
+
+from dynamo_sampling.models.tiny import KVCache
+
+
+class TableMTP(torch.nn.Module):
+    """Head h's logits depend only on the current token: ``logits[b, t, h] = table[h, input_ids[b, t]]``.
+
+    With head 1 a bigram table, the distribution of any continuation under ``ar`` is known exactly.
+    table : (H, V, V) float; -inf entries are zero-probability successors.
+    """
+
+    def __init__(self, table: torch.Tensor, max_seq_len: int = 256):
+        super().__init__()
+        self.table = table.float()
+        self.n_heads, self.vocab_size = table.shape[0], table.shape[-1]
+        self.max_seq_len = max_seq_len
+
+    def new_cache(self, batch_size, max_len=None, dtype=None, device=None):
+        return KVCache(0, batch_size, 1, max_len or self.max_seq_len, 1, torch.float32, self.table.device)
+
+    def forward(self, input_ids, positions, cache=None, heads=None, logits_index=None):
+        heads = heads or self.n_heads
+        if logits_index is not None:
+            input_ids = input_ids.gather(1, logits_index)
+        return self.table[:heads, input_ids].permute(1, 2, 0, 3)  # (B, T, heads, V)
+
+
+def oracle_model(V: int = 16, H: int = 3, seed: int = 0) -> TableMTP:
+    """Knows one fixed cyclic sequence: head h puts a +20 logit on the token h steps ahead."""
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(seed))
+    succ = torch.empty(V, dtype=torch.long)
+    succ[perm] = perm.roll(-1)
+    table = torch.zeros(H, V, V)
+    nxt = torch.arange(V)
+    for h in range(H):
+        nxt = succ[nxt]
+        table[h, torch.arange(V), nxt] = 20.0
+    model = TableMTP(table)
+    model.successor = succ
+    return model
+
+
+def random_table_model(V: int = 6, H: int = 2, seed: int = 0, zero_prob: bool = True) -> TableMTP:
+    """Random bigram-style heads; with ``zero_prob`` each token has one impossible successor."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(H, V, V, generator=g) * 1.5
+    if zero_prob:
+        table[:, torch.arange(V), (torch.arange(V) + 1) % V] = float("-inf")
+    return TableMTP(table)
+
+
+class NaNModel(TableMTP):
+    def forward(self, *args, **kwargs):
+        return super().forward(*args, **kwargs) * float("nan")
