@@ -5,36 +5,42 @@ emits this step and which ones. The algorithm (Tuli et al. 2024, DESIGN.md) per 
 
 1. temperature (sampling only), then per head the top-``k`` tokens and their probabilities
    under the full softmax;
-2. for order ``n = H .. 2``:
+2. for order ``n = H .. 2``, over the cells ``(i1..in)`` of the heads' top-k lists:
 
-   * ``J[i1..in] = prod_h p_h(x_h)`` over the top-k lists (``k**n`` cells);
-   * co-occurrence weighting ``J *= w(x1..xn)`` with ``w = (p^(x1..xn) / prod p^(x_h)) ** alpha_c``;
-     an n-gram the statistics never saw gets ``w = 0``. Only n-grams whose two (n-1)-gram
-     windows were both seen can have been seen, so lookups are made for those cells only;
-   * *choice:* the weighted ``J`` is rescaled to the total mass of the unweighted ``J``
-     (``renormalize_weighted``), so it stays a probability-like quantity ``<= 1`` and the
-     thresholds below mean the same with and without statistics;
+   * ``J = prod_h p_h(x_h)``, the heads' independent joint probability;
    * static threshold (*choice:* one order-dependent threshold ``tau_n = eps_b ** (n-1)``,
-     which makes DESIGN's "zero cells below eps_b" and "back off when all cells are below
-     eps_b ** (n-1)" a single rule): cells ``J <= tau_n`` are zeroed. ``eps_b = 1`` therefore
-     always backs off to one token and ``eps_b = 0`` keeps every cell the statistics allow;
-   * adaptive threshold (*choice:* after the static one): ``J`` is optionally blurred with a
-     3-tap Gaussian along every top-k axis (sorted by probability, zero padded), the Otsu
-     threshold of the blurred values of the surviving cells is computed, and cells whose
-     blurred value is below it are zeroed (the cell with the largest blurred value always
-     survives);
+     applied to the heads' joint *probability* before co-occurrence weighting, which makes
+     DESIGN's "zero cells below eps_b" and "back off when all cells are below eps_b ** (n-1)"
+     one rule): cells with ``J <= tau_n`` are dropped. ``eps_b = 1`` therefore always backs
+     off to one token and ``eps_b = 0`` keeps every cell;
+   * co-occurrence weighting ``J *= w(x1..xn)``, ``w = (p^(x1..xn) / prod p^(x_h)) ** alpha_c``;
+     an n-gram the statistics never saw has ``w = 0`` and is dropped. (*Choice:* no
+     renormalisation of the weighted ``J``: everything after this point — Otsu, argmax, a draw
+     proportional to ``J`` — is invariant to a per-row scale.)
+   * adaptive threshold: ``J`` is optionally blurred with a 3-tap Gaussian along every top-k
+     axis (sorted by probability; dropped cells count as 0), the Otsu threshold of the blurred
+     values of the remaining cells is computed, and cells whose blurred value is below it are
+     dropped (the cell with the largest blurred value always remains);
    * repetition penalty: a cell is divided by ``penalty`` once for each of its tokens that
      already occurs in the row;
-   * back-off: if no cell survived, try ``n - 1``; otherwise emit the n-gram: the argmax of
-     ``J`` when greedy, a draw proportional to ``J`` when sampling.
+   * back-off: if no cell remains, try ``n - 1``; otherwise emit the n-gram: the argmax of ``J``
+     when greedy (lowest cell index on ties), a draw proportional to ``J`` when sampling.
 3. ``n = 1``: head 1 alone, with the ordinary temperature / top-k sampler (:func:`head_probs`).
 
+Two implementations of step 2 produce the same *candidates* (row, cell, J) sorted by (row, cell):
+:func:`sparse_candidates` (the fast path) grows n-grams head by head, keeping only prefixes whose
+probability already exceeds ``tau_n`` (the remaining factors are <= 1) and whose adjacent pairs the
+statistics have seen, so at most ``1 / tau_n`` cells per row are ever touched;
+:func:`dense_candidates` (the reference) builds the whole ``k**n`` grid. Everything after the
+candidates is shared, so the two give identical tokens; the tests compare them.
+
 Speculative decoding passes ``first_tokens``: the first token is already fixed (drawn exactly
-from head 1), and the policy restricts ``J`` to the cells that start with it, returning the
+from head 1), candidates are restricted to cells that start with it, and the policy returns the
 conditional draft distributions ``q(x_j | x_1..x_{j-1})`` that rejection sampling needs.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -54,9 +60,9 @@ class DynamoConfig:
     blur_sigma: float = 1.0  # taps are exp(-1/(2 sigma^2)), 1, exp(-1/(2 sigma^2)), normalised
     otsu_bins: int = 256
     repetition_penalty: float = 1.1  # divides J once per token of the cell already in the row
-    renormalize_weighted: bool = True  # rescale weighted J to the mass of unweighted J (see module doc)
+    candidates: str = "sparse"  # "sparse" (fast path) or "dense" (the k**n reference); same tokens
 
-    def validate(self, n_heads: int = None):
+    def validate(self):
         if not 0.0 <= self.eps_b <= 1.0:
             raise ValueError(f"eps_b must be in [0, 1], got {self.eps_b}")
         if self.k < 1:
@@ -69,6 +75,8 @@ class DynamoConfig:
             raise ValueError(f"blur_sigma must be > 0, got {self.blur_sigma}")
         if self.otsu_bins < 2:
             raise ValueError(f"otsu_bins must be >= 2, got {self.otsu_bins}")
+        if self.candidates not in ("sparse", "dense"):
+            raise ValueError(f"candidates must be 'sparse' or 'dense', got {self.candidates!r}")
 
 
 @dataclass
@@ -107,109 +115,147 @@ def head_probs(logits: torch.Tensor, do_sample: bool, temperature: float, top_k:
     return torch.softmax(logits, dim=-1)
 
 
+def _exp1(shape, generator, device) -> torch.Tensor:
+    """Exp(1) noise in float64, never 0."""
+    return -torch.log1p(-torch.rand(shape, generator=generator, device=device, dtype=torch.float64))
+
+
 def draw(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
     """One draw per row, proportional to ``probs`` (..., N) -> (...) int64. No host sync:
     argmax of ``probs / E`` with ``E ~ Exp(1)`` (zero-probability entries are never drawn)."""
-    u = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=torch.float64)
-    e = -torch.log1p(-u)  # Exp(1), never 0
-    score = probs.double() / e
-    score = score.masked_fill(probs <= 0, -1.0)
-    return score.argmax(-1)
+    score = probs.double() / _exp1(probs.shape, generator, probs.device)
+    return score.masked_fill(probs <= 0, -1.0).argmax(-1)
 
 
-# ---------------------------------------------------------------- joint helpers
+# ---------------------------------------------------------------- candidates
 
 
-def _outer(p: torch.Tensor) -> torch.Tensor:
-    """p (B, n, k) -> J (B, k**n): product over heads of each head's probability, row-major cells."""
-    B, n, k = p.shape
+@dataclass
+class Candidates:
+    """The cells of one order that passed the static threshold and the co-occurrence mask,
+    sorted by (row, cell). rows (M,) int64; idx (M, n) top-k indices; J (M,) float32."""
+
+    rows: torch.Tensor
+    idx: torch.Tensor
+    J: torch.Tensor
+
+    def keys(self, k: int) -> torch.Tensor:
+        """(M,) int64 ``row * k**n + flat cell``: sorted, unique."""
+        n = self.idx.shape[1]
+        flat = torch.zeros_like(self.rows)
+        for h in range(n):
+            flat = flat * k + self.idx[:, h]
+        return self.rows * k ** n + flat
+
+    def select(self, keep: torch.Tensor) -> "Candidates":
+        return Candidates(self.rows[keep], self.idx[keep], self.J[keep])
+
+
+def _ngrams(ids: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Token ids of candidate cells: ids (B, H, k) top-k ids -> (M, n) int64 for heads start..start+n-1."""
+    return torch.stack([ids[rows, start + h, idx[:, h]] for h in range(idx.shape[1])], dim=-1)
+
+
+def sparse_candidates(p, ids, n, tau, stats, alpha_c, first_idx, active) -> Candidates:
+    """Fast path: grow prefixes head by head, keeping ``prefix probability > tau`` (later factors
+    are <= 1, so no surviving cell is lost) and, with statistics, adjacent pairs that were seen.
+    p, ids (B, H, k); first_idx (B,) or None; active (B,) bool."""
+    B, H, k = p.shape
+    keep = (p[:, 0] > tau) & active[:, None]
+    if first_idx is not None:
+        keep &= torch.arange(k, device=p.device) == first_idx[:, None]
+    rows, i1 = keep.nonzero(as_tuple=True)
+    idx, val = i1[:, None], p[rows, 0, i1]
+    for h in range(1, n):
+        ext = val[:, None] * p[rows, h]  # (M, k)
+        m, j = (ext > tau).nonzero(as_tuple=True)
+        rows, idx, val = rows[m], torch.cat([idx[m], j[:, None]], 1), ext[m, j]
+        if stats is not None and h < n - 1 and rows.numel():  # the last pair is checked by the n-gram lookup
+            seen = stats.weight(_ngrams(ids, rows, idx[:, h - 1:h + 1], start=h - 1), alpha_c) > 0
+            rows, idx, val = rows[seen], idx[seen], val[seen]
+    cand = Candidates(rows, idx, val.float())
+    return _weigh(cand, ids, stats, alpha_c)
+
+
+def dense_candidates(p, ids, n, tau, stats, alpha_c, first_idx, active) -> Candidates:
+    """Reference: the whole ``k**n`` grid of every row, then the same threshold and weights."""
+    B, H, k = p.shape
     J = p[:, 0]
     for h in range(1, n):
-        J = (J[:, :, None] * p[:, h, None, :]).reshape(B, -1)
-    return J
+        J = (J[:, :, None] * p[:, h, None, :]).reshape(B, -1)  # (B, k**(h+1)), row-major cells
+    keep = (J > tau) & active[:, None]
+    if first_idx is not None:
+        keep &= (torch.arange(k ** n, device=p.device) // k ** (n - 1)) == first_idx[:, None]
+    rows, cells = keep.nonzero(as_tuple=True)
+    idx = torch.stack([(cells // k ** (n - 1 - h)) % k for h in range(n)], dim=-1)
+    return _weigh(Candidates(rows, idx, J[rows, cells]), ids, stats, alpha_c)
 
 
-def _cell_ngrams(ids: torch.Tensor, cells: torch.Tensor, rows: torch.Tensor, k: int, n: int) -> torch.Tensor:
-    """Token n-grams of flat cells. ids (B, n, k) top-k ids; cells, rows (M,) -> (M, n) int64."""
-    out = []
-    rem = cells
-    for h in reversed(range(n)):
-        out.append(ids[rows, h, rem % k])
-        rem = rem // k
-    return torch.stack(out[::-1], dim=-1)
+def _weigh(cand: Candidates, ids, stats, alpha_c) -> Candidates:
+    if stats is None or cand.rows.numel() == 0:
+        return cand
+    w = stats.weight(_ngrams(ids, cand.rows, cand.idx), alpha_c).float()
+    cand = Candidates(cand.rows, cand.idx, cand.J * w)
+    return cand.select(w > 0)
 
 
-class _WindowWeights:
-    """Co-occurrence weights of contiguous head windows, looked up only where they can be non-zero.
-
-    ``weights(start, n)`` -> (B, k**n) float32: the weight of every cell of heads
-    ``start..start+n-1``; computed for the cells whose two (n-1)-windows were both seen.
-    """
-
-    def __init__(self, stats, ids: torch.Tensor, alpha_c: float):
-        self.stats, self.ids, self.alpha_c = stats, ids, alpha_c  # ids (B, H, k)
-        self.memo = {}
-
-    def weights(self, start: int, n: int) -> torch.Tensor:
-        key = (start, n)
-        if key in self.memo:
-            return self.memo[key]
-        B, _, k = self.ids.shape
-        ids = self.ids[:, start:start + n]
-        if n == 2:
-            cand = torch.ones(B, k * k, dtype=torch.bool, device=ids.device)
-        else:
-            cand = _combine(self.weights(start, n - 1) > 0, self.weights(start + 1, n - 1) > 0, B, k, n)
-        w = torch.zeros(B, k ** n, dtype=torch.float32, device=ids.device)
-        rows, cells = cand.nonzero(as_tuple=True)
-        if rows.numel():
-            ngrams = _cell_ngrams(ids, cells, rows, k, n)
-            w[rows, cells] = self.stats.weight(ngrams, self.alpha_c).float()
-        self.memo[key] = w
-        return w
+# ---------------------------------------------------------------- thresholds on candidates
 
 
-def _combine(left: torch.Tensor, right: torch.Tensor, B: int, k: int, n: int) -> torch.Tensor:
-    """Cells (i1..in) whose prefix window (i1..i_{n-1}) and suffix window (i2..in) were both seen.
-    left, right (B, k**(n-1)) bool -> (B, k**n) bool."""
-    mid = k ** (n - 2)
-    return (left.view(B, k, mid, 1) & right.view(B, 1, mid, k)).reshape(B, -1)
+def blur_candidates(cand: Candidates, k: int, sigma: float, method: str = "auto") -> torch.Tensor:
+    """3-tap Gaussian along every top-k axis, zero outside the candidates: the separable blur of
+    the dense grid, evaluated at the candidate cells. Returns (M,) float32.
 
-
-def _blur(J: torch.Tensor, n: int, k: int, sigma: float) -> torch.Tensor:
-    """Separable 3-tap Gaussian along each top-k axis, zero padded. J (B, k**n) -> (B, k**n)."""
+    ``method``: "grid" scatters the candidates into the dense grid and blurs it (cheap when most
+    cells are candidates), "lookup" sums the ``3**n`` neighbours found by binary search (cheap
+    when few are), "auto" picks by count. Both give the same values up to float rounding."""
     side = math.exp(-1.0 / (2 * sigma * sigma))
-    c0, c1 = 1.0 / (1 + 2 * side), side / (1 + 2 * side)
-    B = J.shape[0]
-    x = J.view(B, *([k] * n))
-    for axis in range(1, n + 1):
-        prev = torch.zeros_like(x)
-        nxt = torch.zeros_like(x)
-        sl = [slice(None)] * (n + 1)
-        sl_src = list(sl)
-        sl[axis], sl_src[axis] = slice(1, None), slice(None, -1)
-        prev[tuple(sl)] = x[tuple(sl_src)]
-        nxt[tuple(sl_src)] = x[tuple(sl)]
-        x = c0 * x + c1 * (prev + nxt)
-    return x.reshape(B, -1)
+    taps = {-1: side / (1 + 2 * side), 0: 1.0 / (1 + 2 * side), 1: side / (1 + 2 * side)}
+    n = cand.idx.shape[1]
+    keys = cand.keys(k)  # sorted
+    rows_present = torch.unique(cand.rows)
+    if method == "grid" or (method == "auto" and cand.J.numel() * 3 ** n > rows_present.numel() * k ** n):
+        slot = torch.searchsorted(rows_present, cand.rows)
+        grid = torch.zeros(rows_present.numel() * k ** n, dtype=cand.J.dtype, device=cand.J.device)
+        local = keys - cand.rows * k ** n
+        grid[slot * k ** n + local] = cand.J
+        x = grid.view(-1, *([k] * n))
+        for axis in range(1, n + 1):
+            pad = [0, 0] * (n - axis) + [1, 1]
+            xp = torch.nn.functional.pad(x, pad)
+            x = taps[0] * x + taps[-1] * (xp.narrow(axis, 0, k) + xp.narrow(axis, 2, k))
+        return x.reshape(-1)[slot * k ** n + local]
+    out = torch.zeros_like(cand.J)
+    for offset in itertools.product((-1, 0, 1), repeat=n):
+        nb = cand.idx + torch.tensor(offset, device=cand.idx.device)
+        inside = ((nb >= 0) & (nb < k)).all(-1)
+        flat = torch.zeros_like(cand.rows)
+        for h in range(n):
+            flat = flat * k + nb[:, h].clamp(0, k - 1)
+        nb_key = cand.rows * k ** n + flat
+        pos = torch.searchsorted(keys, nb_key).clamp(max=keys.numel() - 1)
+        hit = inside & (keys[pos] == nb_key)
+        weight = math.prod(taps[o] for o in offset)
+        out += torch.where(hit, cand.J[pos], torch.zeros_like(out)) * weight
+    return out
 
 
-def otsu_threshold(values: torch.Tensor, valid: torch.Tensor, bins: int) -> torch.Tensor:
-    """Per-row Otsu threshold of ``values`` over the ``valid`` cells. (B, N) -> (B,) float32.
+def otsu_threshold(values: torch.Tensor, rows: torch.Tensor, n_rows: int, bins: int) -> torch.Tensor:
+    """Per-row Otsu threshold of ragged ``values`` (M,) grouped by ``rows`` (M,) -> (n_rows,) float32.
 
-    Histogram with ``bins`` equal bins between the row's smallest and largest valid value; the
+    Histogram with ``bins`` equal bins between the row's smallest and largest value; the
     threshold is the lower edge of the first bin of the upper class that maximises the
-    between-class variance. Rows with fewer than two distinct valid values get their minimum
-    (everything survives).
+    between-class variance. Rows with fewer than two distinct values get their minimum
+    (everything remains).
     """
-    inf = torch.tensor(float("inf"), device=values.device)
-    lo = torch.where(valid, values, inf).amin(-1)  # (B,)
-    hi = torch.where(valid, values, -inf).amax(-1)
+    dev = values.device
+    lo = torch.full((n_rows,), float("inf"), device=dev).scatter_reduce(0, rows, values, "amin")
+    hi = torch.full((n_rows,), float("-inf"), device=dev).scatter_reduce(0, rows, values, "amax")
     width = (hi - lo).clamp(min=1e-30)
-    idx = ((values - lo[:, None]) / width[:, None] * bins).long().clamp(0, bins - 1)
-    hist = torch.zeros(values.shape[0], bins, device=values.device, dtype=torch.float64)
-    hist.scatter_add_(1, idx, valid.double())
-    centers = (torch.arange(bins, device=values.device, dtype=torch.float64) + 0.5)
+    b = ((values - lo[rows]) / width[rows] * bins).long().clamp(0, bins - 1)
+    hist = torch.zeros(n_rows * bins, device=dev, dtype=torch.float64)
+    hist = hist.scatter_add_(0, rows * bins + b, torch.ones_like(values, dtype=torch.float64)).view(n_rows, bins)
+    centers = torch.arange(bins, device=dev, dtype=torch.float64) + 0.5
     w0 = hist.cumsum(-1)  # weight of classes [0..t]
     m0 = (hist * centers).cumsum(-1)
     total, mtotal = w0[:, -1:], m0[:, -1:]
@@ -218,15 +264,27 @@ def otsu_threshold(values: torch.Tensor, valid: torch.Tensor, bins: int) -> torc
     between = torch.where((w0 > 0) & (w1 > 0), between, torch.full_like(between, -1.0))
     t = between.argmax(-1)  # last bin of the lower class
     thr = lo + (t + 1).to(values.dtype) * width / bins
-    degenerate = (between.amax(-1) <= 0) | (hi <= lo)
+    degenerate = (between.amax(-1) <= 0) | ~(hi > lo)
     return torch.where(degenerate, lo, thr).float()
+
+
+def _segment_argmax(score: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Position (into M) of the first maximum of ``score`` within each row; -1 for empty rows."""
+    M = score.numel()
+    best = torch.full((n_rows,), float("-inf"), device=score.device, dtype=score.dtype)
+    best = best.scatter_reduce(0, rows, score, "amax")
+    is_best = score == best[rows]
+    pos = torch.arange(M, device=score.device)
+    first = torch.full((n_rows,), M, device=score.device, dtype=torch.long)
+    first = first.scatter_reduce(0, rows[is_best], pos[is_best], "amin")
+    return torch.where(first < M, first, -1)
 
 
 # ---------------------------------------------------------------- the step
 
 
 def check_stats(stats, vocab_size: int, n_heads: int):
-    """Boundary check shared by ``sample`` and :func:`dynamo_step`."""
+    """Boundary check shared by ``sample`` and callers of :func:`dynamo_step`."""
     if stats is None:
         return
     if getattr(stats, "vocab_size", None) != vocab_size:
@@ -266,84 +324,70 @@ def dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats=None, do_
     logits = head_logits.float()
     if do_sample:
         logits = logits / temperature
-    logp = torch.log_softmax(logits, dim=-1)
-    top_logp, topk_ids = logp.topk(k, dim=-1)  # (B, H, k)
+    top_logp, topk_ids = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)  # (B, H, k)
     p = top_logp.exp()
-    use_stats = stats is not None and cfg.alpha_c > 0
-    windows = _WindowWeights(stats, topk_ids, cfg.alpha_c) if use_stats else None
+    use_stats = stats if stats is not None and cfg.alpha_c > 0 else None
     penal = None
     if seen_tokens is not None and cfg.repetition_penalty != 1.0:
         seen = seen_tokens.gather(1, topk_ids.view(B, -1)).view(B, H, k)
         penal = torch.where(seen, 1.0 / cfg.repetition_penalty, 1.0)  # (B, H, k)
     first_idx = None
+    undecided = torch.ones(B, dtype=torch.bool, device=dev)
     if first_tokens is not None:
         match = topk_ids[:, 0, :] == first_tokens[:, None]  # (B, k)
-        first_idx = torch.where(match.any(-1), match.float().argmax(-1), -1)  # (B,)
+        first_idx = match.float().argmax(-1)
+        undecided &= match.any(-1)  # first token outside head 1's top-k: no draft
+    find = sparse_candidates if cfg.candidates == "sparse" else dense_candidates
 
     tokens = torch.full((B, H), -1, dtype=torch.long, device=dev)
     n_out = torch.ones(B, dtype=torch.long, device=dev)
     draft = torch.zeros(B, H, k, dtype=torch.float32, device=dev) if first_tokens is not None else None
-    decided = torch.zeros(B, dtype=torch.bool, device=dev)
-    if first_idx is not None:
-        decided |= first_idx < 0  # first token outside head 1's top-k: no draft
     for n in range(H, 1, -1):
-        active = ~decided
-        if max_tokens is not None:
-            active &= max_tokens >= n
-        if not bool(active.any()):
+        active = undecided if max_tokens is None else undecided & (max_tokens >= n)
+        cand = find(p, topk_ids, n, cfg.eps_b ** (n - 1), use_stats, cfg.alpha_c, first_idx, active)
+        if cand.rows.numel() == 0:
             continue
-        J = _outer(p[:, :n])  # (B, k**n)
-        if use_stats:
-            raw_mass = J.sum(-1, keepdim=True)
-            J = J * windows.weights(0, n)
-            if cfg.renormalize_weighted:
-                J = J * (raw_mass / J.sum(-1, keepdim=True).clamp(min=1e-30))
-        if first_idx is not None:
-            J = J.view(B, k, -1) * (torch.arange(k, device=dev) == first_idx[:, None])[:, :, None]
-            J = J.reshape(B, -1)
-        J = torch.where(J > cfg.eps_b ** (n - 1), J, torch.zeros_like(J))
-        alive = J > 0
         if cfg.adaptive_threshold:
-            score = _blur(J, n, k, cfg.blur_sigma) if cfg.blur else J
-            thr = otsu_threshold(score, alive, cfg.otsu_bins)
-            alive = alive & (score >= thr[:, None])
-            J = torch.where(alive, J, torch.zeros_like(J))
+            score = blur_candidates(cand, k, cfg.blur_sigma) if cfg.blur else cand.J
+            thr = otsu_threshold(score, cand.rows, B, cfg.otsu_bins)
+            cand = cand.select(score >= thr[cand.rows])
+        J = cand.J
         if penal is not None:
-            J = J * _outer(penal[:, :n])
-        emit = active & alive.any(-1)  # (B,)
-        if not bool(emit.any()):
-            continue
-        cell = draw(J, generator) if do_sample else J.argmax(-1)  # (B,)
+            for h in range(n):
+                J = J * penal[cand.rows, h, cand.idx[:, h]]
+        score = J.double() / _exp1(J.shape, generator, dev) if do_sample else J
+        pos = _segment_argmax(score, cand.rows, B)  # (B,)
+        emit = pos >= 0
         rows = emit.nonzero(as_tuple=True)[0]
-        ngram = _cell_ngrams(topk_ids, cell[rows], rows, k, n)  # (M, n)
-        tokens[rows, :n] = ngram
+        chosen = pos[rows]
+        tokens[rows, :n] = _ngrams(topk_ids, rows, cand.idx[chosen])
         n_out[rows] = n
-        decided |= emit
+        undecided &= ~emit
         if draft is not None:
-            _fill_draft(draft, J, cell, rows, k, n)
-    rest = ~decided | (n_out == 1)
+            _fill_draft(draft, Candidates(cand.rows, cand.idx, J), rows, cand.idx[chosen], k)
+        if not bool(undecided.any()):
+            break
+    single = ~(n_out > 1)
     if first_tokens is not None:
-        tokens[:, 0] = torch.where(rest, first_tokens, tokens[:, 0])
+        first = first_tokens
+    elif do_sample:
+        first = draw(head_probs(head_logits[:, 0], True, temperature, top_k), generator)
     else:
-        single = draw(head_probs(head_logits[:, 0], True, temperature, top_k), generator) if do_sample \
-            else head_logits[:, 0].argmax(-1)
-        tokens[:, 0] = torch.where(rest, single, tokens[:, 0])
-    tokens[:, 1:] = torch.where(rest[:, None], -1, tokens[:, 1:])
-    n_out = torch.where(rest, 1, n_out)
+        first = head_logits[:, 0].argmax(-1)
+    tokens[:, 0] = torch.where(single, first, tokens[:, 0])
     return StepOutput(tokens, n_out, topk_ids, draft)
 
 
-def _fill_draft(draft, J, cell, rows, k, n):
-    """Conditionals q(x_j | x_1..x_{j-1}), j = 1..n-1 (0-based heads), of the distribution
-    proportional to J, along the chosen cell. Writes draft[rows, j] (k,) in place."""
-    G = J[rows]  # (M, k**n)
-    c = cell[rows]
-    M = rows.numel()
-    ar = torch.arange(M, device=J.device)
-    for j in range(n):
-        G = G.view(M, k, -1)
-        digit = (c // (k ** (n - 1 - j))) % k
-        if j > 0:
-            marg = G.sum(-1)  # (M, k)
-            draft[rows, j] = marg / marg.sum(-1, keepdim=True).clamp(min=1e-30)
-        G = G[ar, digit]
+def _fill_draft(draft, cand: Candidates, rows, chosen_idx, k):
+    """Conditionals q(x_j | x_1..x_{j-1}), j = 1..n-1, of the distribution proportional to the
+    candidates' J, along each row's chosen cell (rows (R,), chosen_idx (R, n)). Writes draft in place."""
+    B = draft.shape[0]
+    n = chosen_idx.shape[1]
+    full = torch.full((B, n), -1, dtype=torch.long, device=draft.device)
+    full[rows] = chosen_idx
+    for j in range(1, n):
+        on_path = (cand.idx[:, :j] == full[cand.rows, :j]).all(-1)  # candidates sharing the prefix
+        mass = torch.zeros(B * k, device=draft.device)
+        mass.scatter_add_(0, cand.rows[on_path] * k + cand.idx[on_path, j], cand.J[on_path].float())
+        mass = mass.view(B, k)[rows]
+        draft[rows, j] = mass / mass.sum(-1, keepdim=True).clamp(min=1e-30)

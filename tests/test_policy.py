@@ -7,31 +7,43 @@ import torch
 
 from dynamo_sampling import DynamoConfig, dynamo_step
 from dynamo_sampling.cooccurrence import CooccurrenceStats
-from dynamo_sampling.policy import _blur, _WindowWeights, otsu_threshold
+from dynamo_sampling.policy import (Candidates, blur_candidates, dense_candidates, otsu_threshold,
+                                    sparse_candidates)
 
 
 def test_otsu_splits_two_clusters():
-    values = torch.tensor([[0.01, 0.02, 0.015, 0.9, 0.95, 0.0]])
-    valid = values > 0
-    thr = otsu_threshold(values, valid, bins=256)
-    kept = (values >= thr[:, None]) & valid
-    assert kept.tolist() == [[False, False, False, True, True, False]]
-
-
-def test_otsu_degenerate_row_keeps_everything():
-    values = torch.tensor([[0.3, 0.3, 0.0]])
-    thr = otsu_threshold(values, values > 0, bins=16)
-    assert thr.item() == pytest.approx(0.3)
+    values = torch.tensor([0.01, 0.02, 0.015, 0.9, 0.95, 0.5, 0.5])
+    rows = torch.tensor([0, 0, 0, 0, 0, 1, 1])
+    thr = otsu_threshold(values, rows, 2, bins=256)
+    assert (values[:5] >= thr[0]).tolist() == [False, False, False, True, True]
+    assert thr[1].item() == pytest.approx(0.5)  # one distinct value: everything remains
 
 
 def test_blur_is_separable_3_tap_gaussian():
     k, n = 3, 2
-    J = torch.zeros(1, k ** n)
-    J[0, 4] = 1.0  # centre of a 3x3 grid
-    out = _blur(J, n, k, sigma=1.0).view(3, 3)
+    grid = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(3), indexing="ij"), -1).view(-1, 2)
+    J = torch.zeros(9)
+    J[4] = 1.0  # centre of a 3x3 grid
+    cand = Candidates(torch.zeros(9, dtype=torch.long), grid, J)
+    out = blur_candidates(cand, k, sigma=1.0).view(3, 3)
     side = float(np.exp(-0.5))
     taps = torch.tensor([side, 1.0, side], dtype=torch.float32) / (1 + 2 * side)
     assert torch.allclose(out, taps[:, None] * taps[None, :], atol=1e-7)
+    # a missing neighbour counts as zero
+    part = cand.select(torch.tensor([True, False, True, False, True, False, False, False, False]))
+    assert torch.allclose(blur_candidates(part, k, 1.0), out.flatten()[[0, 2, 4]], atol=1e-7)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_blur_grid_and_lookup_methods_agree(n):
+    g = torch.Generator().manual_seed(n)
+    k, B = 7, 3
+    keep = torch.rand(B * k ** n, generator=g) < 0.3
+    keys = keep.nonzero().flatten()
+    rows, flat = keys // k ** n, keys % k ** n
+    idx = torch.stack([(flat // k ** (n - 1 - h)) % k for h in range(n)], -1)
+    cand = Candidates(rows, idx, torch.rand(keys.numel(), generator=g))
+    assert torch.allclose(blur_candidates(cand, k, 0.8, "grid"), blur_candidates(cand, k, 0.8, "lookup"), atol=1e-6)
 
 
 def _logits_from_probs(p):
@@ -92,19 +104,29 @@ def test_never_emits_unseen_pair_after_a(stats_b_after_a, do_sample):
     assert ((off.tokens[:, 0] == a) & (off.tokens[:, 1] != b)).any()
 
 
-@pytest.mark.parametrize("alpha_c", [0.5, 1.0])
-def test_sparse_window_lookup_equals_dense_lookup(stats_b_after_a, alpha_c):
-    """Reference: look every k**n cell up directly."""
-    stats, _, _ = stats_b_after_a
+@pytest.mark.parametrize("eps_b", [0.0, 0.05, 0.3])
+@pytest.mark.parametrize("use_stats", [False, True])
+@pytest.mark.parametrize("first", [False, True])
+def test_sparse_candidates_equal_dense_reference(stats_b_after_a, eps_b, use_stats, first):
+    stats, a, b = stats_b_after_a
     g = torch.Generator().manual_seed(1)
-    B, H, k = 3, 3, 12
-    ids = torch.stack([torch.randperm(stats.vocab_size, generator=g)[:k] for _ in range(B * H)]).view(B, H, k)
-    fast = _WindowWeights(stats, ids, alpha_c).weights(0, 3)
-    grid = torch.stack(torch.meshgrid(*[torch.arange(k)] * 3, indexing="ij"), -1).view(-1, 3)
-    dense = torch.stack([stats.weight(torch.stack([ids[b, h, grid[:, h]] for h in range(3)], -1), alpha_c)
-                         for b in range(B)])
-    assert (fast > 0).sum() > 0
-    assert torch.allclose(fast, dense.float())
+    logits = torch.randn(5, 3, stats.vocab_size, generator=g) * 2.5
+    logits[:2, 0, a] = 6.0
+    p, ids = torch.softmax(logits, -1).topk(12, dim=-1)
+    first_idx = torch.randint(0, 3, (5,), generator=g) if first else None
+    active = torch.tensor([True, True, False, True, True])
+    for n in (2, 3):
+        args = (p, ids, n, eps_b ** (n - 1), stats if use_stats else None, 1.0, first_idx, active)
+        fast, ref = sparse_candidates(*args), dense_candidates(*args)
+        assert torch.equal(fast.keys(12), ref.keys(12))
+        assert torch.allclose(fast.J, ref.J, rtol=1e-6)
+        assert not (fast.rows == 2).any()
+    # whole steps agree token for token, greedy and sampled with the same generator
+    for do_sample in (False, True):
+        outs = [dynamo_step(logits, DynamoConfig(k=12, eps_b=eps_b, candidates=c), stats=stats if use_stats else None,
+                            do_sample=do_sample, generator=torch.Generator().manual_seed(3))
+                for c in ("sparse", "dense")]
+        assert torch.equal(outs[0].tokens, outs[1].tokens) and torch.equal(outs[0].n, outs[1].n)
 
 
 def test_speculative_first_token_and_draft_distributions():

@@ -1,0 +1,81 @@
+"""The bundled model: ``load_pretrained()`` (used by the demo, the CLI, evals and users).
+
+Package data in ``dynamo_sampling/pretrained/``: ``config.json`` + ``model.safetensors`` (a TinyMTP
+trained on the Python standard library, see README "The bundled model"), ``tokenizer.json`` and
+``recorded.json`` (a greedy completion recorded when the weights were made, for tests). The
+co-occurrence statistics are not shipped (tens of MB): they are built on first use from this
+interpreter's standard library train split with the bundled tokenizer (a few seconds) and cached
+as ``.npz`` under ``$DYNAMO_SAMPLING_CACHE`` or ``~/.cache/dynamo_sampling``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DYNAMO_SAMPLING_CACHE", Path.home() / ".cache" / "dynamo_sampling"))
+
+
+def build_stdlib_stats(tokenizer_path, vocab_size: int, max_order: int, root=None, progress: bool = False):
+    """Co-occurrence statistics of the standard library's train split, tokenised with ``tokenizer_path``."""
+    from .cooccurrence import CooccurrenceStats, tokenizer_fingerprint
+    from .train.corpus import load_split
+    from .train.tokenizer import encode_documents, load_tokenizer
+
+    tok = load_tokenizer(str(tokenizer_path))
+    docs = encode_documents(tok, [text for _, text in load_split("train", root)])
+    return CooccurrenceStats.build([d for d in docs if len(d)], vocab_size=vocab_size, max_order=max_order,
+                                   tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_path), progress=progress)
+
+
+def load_pretrained(path: Optional[str] = None, device="cpu", with_stats: bool = True):
+    """Load the bundled MTP model offline.
+
+    Parameters
+    ----------
+    path : directory with config.json, model.safetensors, tokenizer.json (default: the bundled one).
+    device : torch device for the model.
+    with_stats : also return co-occurrence statistics (built and cached on first use).
+
+    Returns
+    -------
+    (model TinyMTP in eval mode, tokenizer ``tokenizers.Tokenizer``, stats ``CooccurrenceStats`` or None)
+    """
+    from .cooccurrence import CooccurrenceStats, tokenizer_fingerprint
+    from .train.tokenizer import load_tokenizer
+    from .train.trainer import load_model
+
+    root = Path(path) if path is not None else PRETRAINED_DIR
+    missing = [f for f in REQUIRED_FILES if not (root / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"pretrained model directory {root} lacks {missing}; expected {list(REQUIRED_FILES)}")
+    model = load_model(str(root), device=device)
+    try:
+        tokenizer = load_tokenizer(str(root / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise ValueError(f"tokenizer {root / 'tokenizer.json'} is corrupted: {e}") from e
+    if tokenizer.get_vocab_size() != model.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, the model {model.vocab_size}")
+    stats = None
+    if with_stats:
+        fp = tokenizer_fingerprint(root / "tokenizer.json")
+        order = max(2, model.n_heads)
+        cached = cache_dir() / f"stdlib-stats-{fp[:16]}-o{order}.npz"
+        if cached.is_file():
+            try:
+                stats = CooccurrenceStats.load(str(cached), vocab_size=model.vocab_size, tokenizer_fingerprint=fp)
+            except (ValueError, OSError):
+                stats = None  # stale or damaged cache: rebuild below
+        if stats is None:
+            stats = build_stdlib_stats(root / "tokenizer.json", model.vocab_size, order)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp.npz")
+            stats.save(str(tmp))
+            os.replace(tmp, cached)
+    return model, tokenizer, stats
+
