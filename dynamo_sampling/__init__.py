@@ -6,7 +6,8 @@ step) -> ``decoding`` (one loop, three strategies) -> ``sampling.sample`` (the p
 from .decoding import GenerationOutput
 from .models import KVCache, TinyMTP, TinyMTPConfig
 from .policy import DynamoConfig, StepOutput, dynamo_step
+from .pretrained import load_pretrained
 from .sampling import sample
 
 __all__ = ["DynamoConfig", "GenerationOutput", "KVCache", "StepOutput", "TinyMTP", "TinyMTPConfig",
-           "dynamo_step", "sample"]
+           "dynamo_step", "load_pretrained", "sample"]

@@ -37,6 +37,68 @@ def _run_train(args) -> int:
     return 0
 
 
+class TextStreamer:
+    """Prints row 0's text as tokens arrive (``put`` gets a list of per-row token tensors)."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], 0
+
+    def put(self, tokens):
+        self.ids.extend(tokens[0].tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        if text.endswith("\ufffd"):  # a multi-byte character is still incomplete
+            return
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+    def end(self):
+        self.out.write("\n")
+        self.out.flush()
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="complete a prompt with the bundled (or a given) model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--strategy", choices=("ar", "dynamo", "speculative"), default="dynamo")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--eps-b", type=float, default=None, help="DynaMo static threshold (default: DynamoConfig's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-dir", default=None, help="a save_model directory with tokenizer.json (default: bundled)")
+    p.add_argument("--no-stats", action="store_true", help="no co-occurrence statistics")
+    p.add_argument("--stream", action="store_true", help="print text as it is produced")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> int:
+    import torch
+
+    from .pretrained import load_pretrained
+    from .sampling import sample
+
+    model, tok, stats = load_pretrained(args.model_dir, with_stats=not args.no_stats)
+    ids = torch.tensor([tok.encode(args.prompt).ids])
+    if ids.shape[1] == 0:
+        raise SystemExit("error: the prompt encodes to no tokens")
+    overrides = {} if args.eps_b is None else {"eps_b": args.eps_b}
+    streamer = TextStreamer(tok) if args.stream else None
+    if streamer:
+        sys.stdout.write(args.prompt)
+    out = sample(model, ids, strategy=args.strategy, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                 temperature=args.temperature, top_k=args.top_k, eos_token_id=0, stats=stats,
+                 generator=torch.Generator().manual_seed(args.seed), streamer=streamer,
+                 return_dict_in_generate=True, **overrides)
+    if not streamer:
+        print(args.prompt + tok.decode(out.sequences[0, ids.shape[1]:out.sequences.shape[1]].tolist()
+                                       [:int(out.new_tokens[0])]))
+    print(f"[{args.strategy}] {int(out.new_tokens[0])} tokens in {int(out.steps[0])} steps "
+          f"({out.tokens_per_step[0].item():.2f} tokens/step), {out.wall_time:.2f} s", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     from .cooccurrence import add_cli as add_cooccur
 
@@ -44,12 +106,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     add_cooccur(sub)
-    try:
-        from .generate_cli import add_cli as add_generate
-
-        add_generate(sub)
-    except ImportError:
-        pass
+    _add_generate(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -54,7 +54,8 @@ class TrainConfig:
     checkpoint_every: int = 250
     device: str = "cpu"
     threads: int = 0  # torch.set_num_threads; 0 leaves the default
-    time_budget_s: float = 0.0  # stop (and save) after this many seconds; 0 = no limit
+    time_budget_s: float = 0.0  # when set, the run (phases and LR schedule) ends after this many seconds
+    # or `steps`, whichever comes first: the schedule follows the further of the two
     model: dict = field(default_factory=dict)  # TinyMTPConfig fields (vocab_size from the data)
 
 
@@ -95,13 +96,21 @@ def _batch(data: np.ndarray, batch_size: int, width: int, rng: np.random.Generat
     return torch.from_numpy(np.stack([data[s:s + width].astype(np.int64) for s in starts])).to(device)
 
 
-def _lr_at(step: int, start: int, end: int, cfg: TrainConfig) -> float:
-    """Warmup then cosine within the phase [start, end)."""
-    i = step - start
+def _progress(step: int, elapsed: float, cfg: TrainConfig) -> float:
+    """Share of the run done: steps, or wall time when ``time_budget_s`` is set (whichever is further)."""
+    p = step / cfg.steps
+    if cfg.time_budget_s:
+        p = max(p, elapsed / cfg.time_budget_s)
+    return min(p, 1.0)
+
+
+def _lr_factor(step: int, phase_start: int, progress: float, lo: float, hi: float, cfg: TrainConfig) -> float:
+    """Warmup (in steps) from the phase's first step, then cosine over the phase's share [lo, hi)."""
+    i = step - phase_start
     if i < cfg.warmup_steps:
         return (i + 1) / cfg.warmup_steps
-    frac = (i - cfg.warmup_steps) / max(1, end - start - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+    frac = (progress - lo) / max(1e-9, hi - lo)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, frac))))
 
 
 def _param_groups(model: TinyMTP):
@@ -158,7 +167,7 @@ def load_model(path: str, device="cpu", dtype=torch.float32) -> TinyMTP:
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _save_checkpoint(model, opt, step, cfg: TrainConfig, history):
+def _save_checkpoint(model, opt, step, cfg: TrainConfig, history, phase=1, phase_start=0):
     ck = Path(cfg.out_dir, "checkpoint")
     save_model(model, str(ck), dtype=torch.float32)
     opt_state = {}
@@ -170,7 +179,8 @@ def _save_checkpoint(model, opt, step, cfg: TrainConfig, history):
                 for key in ("exp_avg", "exp_avg_sq", "step"):
                     opt_state[f"{names[id(p)]}::{key}"] = torch.as_tensor(st[key]).float().contiguous()
     save_file(opt_state, str(ck / "optimizer.safetensors"))
-    Path(ck, "trainer.json").write_text(json.dumps({"step": step, "config": asdict(cfg), "history": history}))
+    Path(ck, "trainer.json").write_text(json.dumps({"step": step, "phase": phase, "phase_start": phase_start,
+                                                            "config": asdict(cfg), "history": history}))
 
 
 def _load_checkpoint(model, opt, cfg: TrainConfig):
@@ -217,28 +227,33 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     mcfg = TinyMTPConfig.from_dict({**cfg.model, "vocab_size": meta["vocab_size"]})
     model = TinyMTP(mcfg).to(cfg.device).train()
     H = mcfg.n_heads
-    split = int(cfg.steps * cfg.pretrain_fraction) if cfg.recipe == "dynamo" else 0
-    phase = 1 if split > 0 else 2
-    opt = _make_optimizer(model, cfg, phase)
-    step, history = 0, []
+    split = cfg.pretrain_fraction if cfg.recipe == "dynamo" else 0.0  # share of the run in phase 1
+    step, history, phase_start, elapsed0 = 0, [], 0, 0.0
     ck_meta = Path(cfg.out_dir, "checkpoint", "trainer.json")
     if resume and ck_meta.is_file():
-        phase = 1 if json.loads(ck_meta.read_text())["step"] < split else 2
+        meta_ck = json.loads(ck_meta.read_text())
+        phase = meta_ck.get("phase", 1)
         opt = _make_optimizer(model, cfg, phase)
         step, history = _load_checkpoint(model, opt, cfg)
+        phase_start, elapsed0 = meta_ck.get("phase_start", 0), history[-1]["time"] if history else 0.0
+    else:
+        phase = 1 if split > 0 else 2
+        opt = _make_optimizer(model, cfg, phase)
     os.makedirs(cfg.out_dir, exist_ok=True)
     rng = np.random.default_rng(cfg.seed + step)
     width = cfg.seq_len + H
-    t0, tokens_seen = time.time(), 0
+    t0, tokens_seen = time.time() - elapsed0, 0
+    t_rate = time.time()
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, dynamic_ncols=True)
-    while step < cfg.steps:
-        if phase == 1 and step >= split:
-            phase = 2
+    while _progress(step, time.time() - t0, cfg) < 1.0:
+        prog = _progress(step, time.time() - t0, cfg)
+        if phase == 1 and prog >= split:
+            phase, phase_start = 2, step
             opt = _make_optimizer(model, cfg, phase)
         heads = 1 if phase == 1 else H
-        lo, hi = (0, split) if phase == 1 else (split, cfg.steps)
+        lo, hi = (0.0, split) if phase == 1 else (split, 1.0)
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * g["lr_scale"] * _lr_at(step, lo, hi, cfg)
+            g["lr"] = cfg.lr * g["lr_scale"] * _lr_factor(step, phase_start, prog, lo, hi, cfg)
         scales = None
         if phase == 2 and cfg.recipe == "dynamo":
             scales = [1.0] + [cfg.head_to_stem_grad_scale] * (H - 1)
@@ -250,20 +265,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         opt.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += cfg.batch_size * cfg.seq_len
-        tps = tokens_seen / max(1e-9, time.time() - t0)
+        tps = tokens_seen / max(1e-9, time.time() - t_rate)
         bar.set_postfix_str(" ".join(f"h{i + 1}={l:.3f}" for i, l in enumerate(losses)) + f" tok/s={tps:,.0f}")
         bar.update(1)
-        record = {"step": step, "phase": phase, "train": losses, "tok_s": tps, "time": time.time() - t0}
-        over_budget = cfg.time_budget_s and time.time() - t0 > cfg.time_budget_s
-        if step % cfg.eval_every == 0 or step == cfg.steps or over_budget:
+        record = {"step": step, "phase": phase, "train": losses, "tok_s": tps, "time": time.time() - t0,
+                  "lr": opt.param_groups[0]["lr"]}
+        last = _progress(step, time.time() - t0, cfg) >= 1.0
+        if step % cfg.eval_every == 0 or last:
             record["val"] = evaluate(model, val_data, cfg, heads)
             bar.write(f"step {step} phase {phase} val " + " ".join(f"h{i + 1}={l:.3f}" for i, l in enumerate(record["val"])))
         history.append(record)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or over_budget:
-            _save_checkpoint(model, opt, step, cfg, history)
-        if over_budget:
-            bar.write(f"time budget of {cfg.time_budget_s:.0f}s reached at step {step}")
-            break
+        if step % cfg.checkpoint_every == 0 or last:
+            _save_checkpoint(model, opt, step, cfg, history, phase, phase_start)
     bar.close()
     save_model(model, str(Path(cfg.out_dir, "final")))
     summary = {"steps": step, "tokens": step * cfg.batch_size * cfg.seq_len, "seconds": time.time() - t0,
