@@ -126,8 +126,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, st
         fed_valid = ar_[None, :T] < n[:, None]  # (B, T)
         feed_ids = torch.where(fed_valid, tokens[:, :T], 0)
         feed_pos = torch.where(fed_valid, cache.lengths[:, None] + ar_[None, :T], -1)
-        logits = model(feed_ids, feed_pos, cache, heads=heads)  # (B, T, heads, V)
-        _check_logits(logits[fed_valid], step)
+        if strategy == "dynamo":  # only each row's last fed position is needed
+            logits = model(feed_ids, feed_pos, cache, heads=heads, logits_index=(n - 1).clamp(min=0)[:, None])
+            _check_logits(logits[active], step)  # (B, 1, heads, V)
+        else:
+            logits = model(feed_ids, feed_pos, cache, heads=heads)  # (B, T, heads, V)
+            _check_logits(logits[fed_valid], step)
 
         if strategy == "speculative":
             keep, residual = _verify(tokens, n, pol, logits, do_sample, temperature, top_k, generator, V)
@@ -149,8 +153,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, st
             seen[rows, tokens[rows, cols]] = True
         if streamer is not None:
             streamer.put([tokens[b, :int(keep[b])].clone() for b in range(B)])
-        last_logits = torch.where(active[:, None, None],
-                                  logits[torch.arange(B, device=dev), (keep - 1).clamp(min=0)], last_logits)
+        last_index = torch.zeros_like(keep) if strategy == "dynamo" else (keep - 1).clamp(min=0)
+        last_logits = torch.where(active[:, None, None], logits[torch.arange(B, device=dev), last_index], last_logits)
         cache.lengths = cache.lengths + keep
         n_gen = n_gen + keep
         steps += active.long()

@@ -98,3 +98,16 @@ def test_load_pretrained_missing_and_corrupted(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config .* is corrupted"):
         load_pretrained(str(tmp_path), with_stats=False)
+
+
+@pytest.mark.skipif(not (PRETRAINED_DIR / "recorded.json").is_file(), reason="no bundled model in this checkout")
+def test_bundled_model_loads_offline_and_reproduces_recorded_completion():
+    from dynamo_sampling import sample
+
+    record = json.loads((PRETRAINED_DIR / "recorded.json").read_text())
+    model, tok, _ = load_pretrained(with_stats=False)
+    ids = torch.tensor([tok.encode(record["prompt"]).ids])
+    for strategy in ("ar", "speculative"):
+        out = sample(model, ids, strategy=strategy, max_new_tokens=record["max_new_tokens"])
+        assert out[0, ids.shape[1]:].tolist() == record["new_token_ids"], strategy
+    assert sum(f.stat().st_size for f in PRETRAINED_DIR.iterdir()) < 25 * 2 ** 20

@@ -227,10 +227,11 @@ class TinyMTP(nn.Module):
         if not 1 <= heads <= self.config.n_heads:
             raise ValueError(f"heads must be in 1..{self.config.n_heads}, got {heads}")
         h_stem, rope = self.stem_forward(input_ids, positions, cache)
-        out = []
+        hiddens = []
         for h in range(heads):
             hidden = self.head_hidden(h_stem, rope, positions, h, cache)  # (B, T, d)
             if logits_index is not None:
                 hidden = hidden.gather(1, logits_index[..., None].expand(-1, -1, hidden.shape[-1]))
-            out.append(self.unembed(hidden).float())
-        return torch.stack(out, dim=2)  # (B, T, heads, V)
+            hiddens.append(hidden)
+        # one matmul for all heads: the (V, d) unembedding is read once, not once per head
+        return self.unembed(torch.stack(hiddens, dim=2)).float()  # (B, T, heads, V)
