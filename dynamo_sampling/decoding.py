@@ -63,9 +63,13 @@ def _check_logits(logits: torch.Tensor, step: int):
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, strategy: str, max_new_tokens: int,
              do_sample: bool, temperature: float, top_k: Optional[int], eos_token_id: Optional[list],
              pad_token_id: int, generator: Optional[torch.Generator], streamer, dynamo: DynamoConfig,
-             stats) -> GenerationOutput:
+             stats, backend: str = "torch") -> GenerationOutput:
     """The loop. Inputs are already validated by ``sample``; shapes as there."""
     t0 = time.perf_counter()
+    if backend == "cuda":
+        from .kernels import cuda_dynamo_step as step_policy
+    else:
+        step_policy = dynamo_step
     B, S = input_ids.shape
     dev = input_ids.device
     H = model.n_heads
@@ -107,7 +111,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, st
             n = torch.ones(B, dtype=torch.long, device=dev)
             pol = None
         elif strategy == "dynamo":
-            pol = dynamo_step(last_logits, dynamo, stats=stats, do_sample=do_sample, temperature=temperature,
+            pol = step_policy(last_logits, dynamo, stats=stats, do_sample=do_sample, temperature=temperature,
                               top_k=top_k, generator=generator, seen_tokens=seen, max_tokens=remaining)
             tokens, n = pol.tokens, pol.n
         else:
@@ -117,7 +121,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, st
                 mass = res.sum(-1, keepdim=True)
                 p1 = torch.where(mass > 0, res / mass.clamp(min=1e-30), p1)
             first = draw(p1, generator) if do_sample else p1.argmax(-1)
-            pol = dynamo_step(last_logits, dynamo, stats=stats, do_sample=do_sample, temperature=temperature,
+            pol = step_policy(last_logits, dynamo, stats=stats, do_sample=do_sample, temperature=temperature,
                               top_k=top_k, generator=generator, seen_tokens=seen, first_tokens=first,
                               max_tokens=remaining)
             tokens, n = pol.tokens, pol.n

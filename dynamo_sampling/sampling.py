@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .decoding import STRATEGIES, GenerationOutput, generate
+from .kernels import resolve_backend
 from .policy import DynamoConfig, check_stats
 
 
@@ -16,7 +17,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
            eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
            generator: Optional[torch.Generator] = None, streamer=None,
            return_dict_in_generate: bool = False, stats=None, dynamo: Optional[DynamoConfig] = None,
-           **dynamo_overrides) -> Union[torch.Tensor, GenerationOutput]:
+           backend: str = "auto", **dynamo_overrides) -> Union[torch.Tensor, GenerationOutput]:
     """Generate with an MTP model, several tokens per forward pass.
 
     Parameters
@@ -40,6 +41,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
     return_dict_in_generate : return a :class:`GenerationOutput` with statistics.
     stats : co-occurrence statistics (``CooccurrenceStats``) or None (no weighting).
     dynamo : DynamoConfig; ``**dynamo_overrides`` (e.g. ``eps_b=0.2``) replace its fields.
+    backend : ``"auto"`` (fused CUDA kernels for CUDA tensors when CuPy is importable, else the
+        torch reference), ``"torch"`` or ``"cuda"``; the step policy's implementation.
 
     Returns
     -------
@@ -97,11 +100,16 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if streamer is not None and not (hasattr(streamer, "put") and hasattr(streamer, "end")):
         raise TypeError(f"streamer must have put(tokens) and end() methods, got {type(streamer).__name__}")
+    backend = resolve_backend(backend, input_ids)
+    unknown = set(dynamo_overrides) - {f.name for f in dataclasses.fields(DynamoConfig)}
+    if unknown:
+        raise TypeError(f"sample() got unexpected keyword arguments {sorted(unknown)}; expected sample's "
+                        f"arguments or DynamoConfig fields {[f.name for f in dataclasses.fields(DynamoConfig)]}")
     dynamo = dataclasses.replace(dynamo or DynamoConfig(), **dynamo_overrides)
     dynamo.validate()
     if strategy != "ar":
         check_stats(stats if dynamo.alpha_c > 0 else None, V, model.n_heads)
     out = generate(model, input_ids, mask, strategy=strategy, max_new_tokens=max_new_tokens, do_sample=do_sample,
                    temperature=temperature, top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                   generator=generator, streamer=streamer, dynamo=dynamo, stats=stats)
+                   generator=generator, streamer=streamer, dynamo=dynamo, stats=stats, backend=backend)
     return out if return_dict_in_generate else out.sequences

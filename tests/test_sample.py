@@ -206,6 +206,9 @@ def test_errors(model):
         (dict(eps_b=-0.1), ValueError, r"eps_b must be in \[0, 1\], got -0.1"),
         (dict(generator=3), TypeError, "generator must be a torch.Generator"),
         (dict(streamer=object()), TypeError, "streamer must have put"),
+        (dict(eps=0.1), TypeError, r"sample\(\) got unexpected keyword arguments \['eps'\]"),
+        (dict(backend="metal"), ValueError, "unknown backend 'metal'; choose one of 'auto', 'torch', 'cuda'"),
+        (dict(backend="cuda"), ValueError, "backend='cuda' runs fused CUDA kernels and needs CUDA tensors, got a tensor on 'cpu'"),
     ]
     for kwargs, exc, msg in cases:
         kw = {"input_ids": ids, **kwargs}

@@ -1,0 +1,776 @@
+"""Fused CUDA kernels (csrc/*.cu, dynamo_sampling/kernels.py).
+
+Three layers of checks:
+
+* always (no GPU needed): every ``csrc/*.cu`` compiles with ``nvcc -arch=sm_90`` without warnings,
+  the loader's self-contained NVRTC text compiles too, backend resolution, importing without
+  CuPy, the package-data build step;
+* CPU emulation (needs g++): the real ``.cu`` files compiled as C++ on top of
+  ``tests/kernel_emu/cuda_host_emu.h`` (each CUDA thread a fiber, barriers and warp shuffles
+  emulated) and driven through the same Python glue as on the GPU, against the torch reference;
+* GPU (skipped unless :func:`dynamo_sampling.kernels.cuda_available`): the same comparisons at
+  realistic sizes through CuPy/NVRTC.
+
+Tolerances (csrc/NOTES.md): top-k values and ids are exact (ties: lower index first);
+probabilities within rtol 2e-5; greedy decisions equal except rows whose reference decision
+itself flips under a 1e-5 perturbation of the logits (a rounding boundary); sampled outcomes
+pass a chi-square test at p > 1e-6 against the exact target or the reference's draws.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dynamo_sampling import kernels, policy
+from dynamo_sampling.cooccurrence import CooccurrenceStats
+from dynamo_sampling.policy import DynamoConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+CU_FILES = sorted(CSRC.glob("*.cu"))
+EMU_DIR = Path(__file__).resolve().parent / "kernel_emu"
+
+
+def _nvcc():
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return str(default) if default.is_file() else None
+
+
+# ====================================================================== compile (no GPU)
+
+
+def test_csrc_has_the_kernels():
+    assert {p.name for p in CU_FILES} >= set(kernels.SOURCES)
+
+
+@pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
+def test_nvcc_compiles_for_sm90_without_warnings(cu, tmp_path):
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (neither on PATH nor /usr/local/cuda/bin/nvcc)")
+    cmd = [nvcc, "-std=c++17", "-arch=sm_90", "-c", "-o", str(tmp_path / (cu.stem + ".o")), str(cu),
+           "--Werror", "all-warnings"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}\n{r.stderr}"
+    assert "warning" not in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("name", kernels.SOURCES)
+def test_loader_text_is_self_contained_and_compiles(name, tmp_path):
+    """What NVRTC gets: no #include left, #line directives naming the real files, compiles alone."""
+    src = kernels.kernel_source(name)
+    real = (CSRC / name).resolve()
+    assert src.startswith(f'#line 1 "{real}"\n')
+    assert not [line for line in src.splitlines() if line.lstrip().startswith("#") and "include" in line]
+    assert f'#line 1 "{(CSRC / "common.cuh").resolve()}"' in src
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    f = tmp_path / "nvrtc_text.cu"
+    f.write_text(src)
+    r = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-ptx", "-o", str(tmp_path / "x.ptx"), str(f),
+                        "--Werror", "all-warnings"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    # the #line directives point compiler messages at the real file
+    bad = src.replace("return r;\n}\n\nstruct OpSum", "return r;\n}\n\nstruct OpSum syntax error here", 1)
+    assert bad != src
+    f.write_text(bad)
+    r = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-ptx", "-o", str(tmp_path / "y.ptx"), str(f)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "common.cuh" in r.stderr, r.stderr
+
+
+def test_line_directive_escapes_the_path():
+    assert kernels._line_directive(7, Path('/a b/c"d\\e.cu')) == '#line 7 "/a b/c\\"d\\\\e.cu"\n'
+
+
+def test_kernel_source_rejects_unknown_names():
+    with pytest.raises(ValueError, match="topk_softmax.cu"):
+        kernels.kernel_source("nope.cu")
+
+
+def test_csrc_dir_prefers_installed_package_data(tmp_path, monkeypatch):
+    assert kernels.csrc_dir() == CSRC  # repository checkout / editable install
+    pkg = tmp_path / "site" / "dynamo_sampling"
+    (pkg / "csrc").mkdir(parents=True)
+    for f in CSRC.glob("*.cu*"):
+        shutil.copy(f, pkg / "csrc" / f.name)
+    monkeypatch.setattr(kernels, "__file__", str(pkg / "kernels.py"))
+    assert kernels.csrc_dir() == (pkg / "csrc").resolve()
+    src = kernels.kernel_source("dynamo_step.cu")
+    assert src.startswith(f'#line 1 "{(pkg / "csrc" / "dynamo_step.cu").resolve()}"')
+    monkeypatch.setattr(kernels, "__file__", str(tmp_path / "empty" / "dynamo_sampling" / "kernels.py"))
+    with pytest.raises(FileNotFoundError, match="CUDA sources"):
+        kernels.csrc_dir()
+
+
+def test_build_py_ships_the_cuda_sources(tmp_path):
+    out = tmp_path / "build"
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    shipped = out / "dynamo_sampling" / "csrc"
+    for f in list(CSRC.glob("*.cu")) + list(CSRC.glob("*.cuh")):
+        assert (shipped / f.name).read_bytes() == f.read_bytes()
+
+
+# ====================================================================== backends, import
+
+
+def test_resolve_backend_names_and_messages(monkeypatch):
+    cpu = torch.zeros(1)
+    assert kernels.resolve_backend("torch", cpu) == "torch"
+    assert kernels.resolve_backend("auto", cpu) == "torch"
+    with pytest.raises(ValueError, match=r"unknown backend 'triton'; choose one of 'auto', 'torch', 'cuda'"):
+        kernels.resolve_backend("triton", cpu)
+    with pytest.raises(ValueError, match="choose one of"):
+        kernels.resolve_backend(None, cpu)
+    with pytest.raises(ValueError, match=r"backend='cuda' .*needs CUDA tensors, got a tensor on 'cpu'"):
+        kernels.resolve_backend("cuda", cpu)
+    cuda = torch.device("cuda")  # a device object needs no GPU
+    monkeypatch.setattr(kernels, "_cupy_import", lambda: (None, "ModuleNotFoundError: No module named 'cupy'"))
+    assert kernels.resolve_backend("auto", cuda) == "torch"
+    with pytest.raises(ValueError, match=r"CuPy, which cannot be imported \(ModuleNotFoundError: No module named"):
+        kernels.resolve_backend("cuda", cuda)
+    assert not kernels.cuda_available()
+    monkeypatch.setattr(kernels, "_cupy_import", lambda: (object(), None))
+    assert kernels.resolve_backend("auto", cuda) == "cuda"
+    assert kernels.resolve_backend("cuda", cuda) == "cuda"
+    assert kernels.resolve_backend("auto", cpu) == "torch"
+
+
+def test_out_buffers_are_checked():
+    dev = torch.device("cpu")
+    kernels._check_out((torch.empty(2, 3, 4), torch.empty(2, 3, 4, dtype=torch.int64)), (2, 3, 4),
+                       (torch.float32, torch.int64), dev)
+    for bad in [(torch.empty(2, 3, 5), torch.empty(2, 3, 4, dtype=torch.int64)),
+                (torch.empty(2, 3, 4), torch.empty(2, 3, 4)),
+                (torch.empty(2, 4, 3).transpose(1, 2), torch.empty(2, 3, 4, dtype=torch.int64)),
+                (torch.empty(2, 3, 4),)]:
+        with pytest.raises(ValueError, match="out"):
+            kernels._check_out(bad, (2, 3, 4), (torch.float32, torch.int64), dev)
+    with pytest.raises(ValueError, match="k must be an int"):
+        kernels._check_topk_args(torch.zeros(1, 1, 10), 11)
+    with pytest.raises(ValueError, match="k must be an int"):
+        kernels._check_topk_args(torch.zeros(1, 1, 100), 65)
+    with pytest.raises(ValueError, match="dtype"):
+        kernels._check_topk_args(torch.zeros(1, 1, 10, dtype=torch.float64), 2)
+
+
+def test_public_entry_points_refuse_cpu_tensors():
+    with pytest.raises(ValueError, match="needs a CUDA tensor"):
+        kernels.topk_softmax(torch.zeros(1, 1, 4), 2)
+    with pytest.raises(ValueError, match="needs a CUDA tensor"):
+        kernels.cuda_dynamo_step(torch.zeros(1, 2, 4), DynamoConfig(k=2))
+
+
+def test_import_without_cupy_and_lazily():
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["cupy"] = None  # makes `import cupy` raise ImportError
+        import dynamo_sampling.kernels as k
+        assert not k.cupy_available() and not k.cuda_available()
+        assert k.resolve_backend("auto", k.torch.zeros(1)) == "torch"
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    code = "import sys, dynamo_sampling.kernels; assert 'cupy' not in sys.modules; print('ok')"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_seeds_from_a_cpu_generator_need_no_device():
+    g = torch.Generator().manual_seed(5)
+    t, seed, offset = kernels._draw_seeds(g, torch.device("cuda"))  # values read on the host
+    assert t is None and 0 <= seed < 2 ** 62 and 0 <= offset < 2 ** 62
+    assert kernels._draw_seeds(torch.Generator().manual_seed(5), torch.device("cuda"))[1:] == (seed, offset)
+    t, _, _ = kernels._draw_seeds(torch.Generator().manual_seed(5), torch.device("cpu"))
+    assert t is not None and t.tolist() == [seed, offset]  # same device: passed by pointer
+
+
+def test_vocab_splits():
+    for rows, V, sms in [(1, 151936, 132), (3, 50304, 132), (768, 151936, 132), (2, 111, 132), (1, 2048, 4)]:
+        S, chunk = kernels._num_splits(rows, V, sms)
+        assert 1 <= S <= kernels.MAX_SPLITS and (S - 1) * chunk < V <= S * chunk
+        if S > 1:
+            assert chunk >= kernels.MIN_CHUNK
+    assert kernels._num_splits(768, 151936, 132)[0] == 1
+    assert kernels._num_splits(3, 151936, 132)[0] > 1
+
+
+# ====================================================================== test data
+
+
+def _markov_corpus(V: int, n_tokens: int, seed: int, fanout: int = 4):
+    """Tokens of a sparse Markov chain (each token has `fanout` successors, 10% random jumps)."""
+    rng = np.random.default_rng(seed)
+    succ = rng.integers(0, V, (V, fanout))
+    choice = rng.integers(0, fanout, n_tokens)
+    jump = rng.random(n_tokens) < 0.1
+    rand = rng.integers(0, V, n_tokens)
+    toks = np.empty(n_tokens, dtype=np.int64)
+    toks[0] = rand[0]
+    t = int(rand[0])
+    for i in range(1, n_tokens):
+        t = int(rand[i]) if jump[i] else int(succ[t, choice[i]])
+        toks[i] = t
+    return toks, succ
+
+
+_STATS = {}
+
+
+def _stats(V: int, max_order: int):
+    key = (V, max_order)
+    if key not in _STATS:
+        toks, succ = _markov_corpus(V, 60000, seed=V)
+        _STATS[key] = (CooccurrenceStats.build(toks, vocab_size=V, max_order=max_order), toks, succ)
+    return _STATS[key]
+
+
+def _step_logits(B: int, H: int, V: int, seed: int, corpus=None) -> torch.Tensor:
+    """Row-varied logits: noise of scale 0.5..4, plus a boosted path through the corpus' chain so
+    that the heads agree with seen n-grams to a varying degree (a mix of emitted lengths)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([0.5, 1.5, 3.0, 4.0])[torch.randint(0, 4, (B,), generator=g)]
+    x = torch.randn(B, H, V, generator=g) * scale[:, None, None]
+    boost = torch.rand(B, generator=g) * 14.0
+    if corpus is not None:
+        toks, succ = corpus
+        t = torch.from_numpy(toks[torch.randint(0, len(toks), (B,), generator=g).numpy()])
+        succ = torch.from_numpy(succ)
+    else:
+        t = torch.randint(0, V, (B,), generator=g)
+    for h in range(H):
+        x[torch.arange(B), h, t] += boost * (0.6 + 0.8 * torch.rand(B, generator=g))
+        if corpus is not None:
+            t = succ[t, torch.randint(0, succ.shape[1], (B,), generator=g)]
+        else:
+            t = torch.randint(0, V, (B,), generator=g)
+    return x
+
+
+def _sampling_row(V: int, H: int, toks, succ) -> torch.Tensor:
+    """(1, H, V) logits with a few likely tokens per head along seen chains: a step whose sampled
+    outcome is genuinely random over several n-grams of different lengths."""
+    vals, cnt = np.unique(toks, return_counts=True)
+    prev = [int(t) for t in vals[np.argsort(-cnt)[:3]]]
+    row = torch.full((1, H, V), -1.0 - float(np.log(V / 30)))
+    row[0, 0, prev] = torch.tensor([2.0, 1.7, 1.4])
+    for h in range(1, H):
+        nxt = []
+        for j, t in enumerate(prev):
+            for s_, v in zip(succ[t, :2].tolist(), (1.8 - 0.2 * j, 1.3 - 0.2 * j)):
+                row[0, h, s_] = max(row[0, h, s_].item(), v)
+                nxt.append(s_)
+        prev = list(dict.fromkeys(nxt))[:3]
+    return row
+
+
+def _assert_topk_matches(probs, ids, logits, k, temperature, rtol=2e-5):
+    x = logits.float() / temperature
+    B, H, V = x.shape
+    assert probs.shape == (B, H, k) and ids.shape == (B, H, k)
+    assert probs.dtype == torch.float32 and ids.dtype == torch.int64
+    assert bool(((ids >= 0) & (ids < V)).all())
+    got = x.gather(-1, ids)
+    ref_vals = x.topk(k, dim=-1).values
+    assert torch.equal(got, ref_vals), "top-k values differ"
+    assert bool((ids.sort(-1).values.diff(dim=-1) > 0).all()), "repeated ids"
+    # ties: equal values in ascending id order, and the lowest ids of a tie at the boundary
+    same = got[..., 1:] == got[..., :-1]
+    assert bool((ids[..., 1:] > ids[..., :-1])[same].all()), "ties not in ascending id order"
+    kth = got[..., -1:]
+    boundary_tied = (x == kth)  # (B, H, V)
+    n_in = (got == kth).sum(-1)
+    expect = torch.cumsum(boundary_tied.int(), -1) <= n_in[..., None]
+    expect &= boundary_tied
+    member = torch.zeros_like(boundary_tied).scatter_(-1, ids, True)
+    assert torch.equal(member & boundary_tied, expect), "a tie at the boundary was not broken by lower index"
+    ref_p = torch.log_softmax(x, -1).gather(-1, ids).exp()
+    finite = torch.isfinite(ref_p)  # rows entirely -inf: torch NaN, the kernel 0
+    torch.testing.assert_close(probs[finite], ref_p[finite], rtol=rtol, atol=1e-9)
+    assert bool((probs[~finite] == 0).all())
+
+
+def _decisions_differ(a, b):
+    return (a.n != b.n) | (a.tokens != b.tokens).any(-1)
+
+
+def _assert_step_matches(out, logits, ref_kwargs, cfg, max_fragile=0.05, draft_atol=2e-5):
+    """Greedy decisions equal to the reference's, except rows where the reference itself flips
+    under a 1e-5 perturbation of the logits (decisions on a rounding boundary)."""
+    ref = policy.dynamo_step(logits, cfg, **ref_kwargs)
+    B, H, _ = logits.shape
+    assert out.tokens.shape == (B, H) and out.n.shape == (B,)
+    k = ref.topk_ids.shape[-1]
+    assert torch.equal(logits.float().gather(-1, out.topk_ids), logits.float().gather(-1, ref.topk_ids))
+    bad = _decisions_differ(out, ref)
+    if bool(bad.any()):
+        g = torch.Generator(device=logits.device).manual_seed(1234)
+        fragile = torch.zeros_like(bad)
+        for _ in range(3):
+            noisy = logits.float() + 1e-5 * torch.randn(logits.shape, generator=g, device=logits.device)
+            fragile |= _decisions_differ(policy.dynamo_step(noisy, cfg, **ref_kwargs), ref)
+        unexplained = bad & ~fragile
+        rows = unexplained.nonzero().flatten().tolist()
+        assert not rows, (f"rows {rows}: kernel n={out.n[rows].tolist()} tokens={out.tokens[rows].tolist()}; "
+                          f"reference n={ref.n[rows].tolist()} tokens={ref.tokens[rows].tolist()}")
+        assert bad.float().mean().item() <= max_fragile, f"{int(bad.sum())} rows on rounding boundaries"
+    # tokens after n are -1, n in 1..H
+    pos = torch.arange(H, device=out.n.device)
+    assert bool(((out.tokens >= 0) == (pos[None, :] < out.n[:, None])).all())
+    if ref.draft_probs is None:
+        assert out.draft_probs is None
+    else:
+        assert out.draft_probs.shape == (B, H, k)
+        ok = ~bad
+        torch.testing.assert_close(out.draft_probs[ok], ref.draft_probs[ok], rtol=1e-4, atol=draft_atol)
+    return ref
+
+
+def _chi2_pvalue_gof(counts: np.ndarray, probs: np.ndarray) -> float:
+    """Goodness of fit of observed counts to probabilities (categories with expected < 5 pooled)."""
+    from scipy.stats import chi2
+
+    N = counts.sum()
+    exp = probs * N
+    big = exp >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    ex = np.append(exp[big], exp[~big].sum())
+    keep = ex > 0
+    obs, ex = obs[keep], ex[keep]
+    stat = ((obs - ex) ** 2 / ex).sum()
+    return float(chi2.sf(stat, max(len(ex) - 1, 1)))
+
+
+def _chi2_pvalue_two_sample(a: dict, b: dict) -> float:
+    """Two-sample chi-square on outcome counts (outcomes with fewer than 10 hits in total pooled)."""
+    from scipy.stats import chi2
+
+    Na, Nb = sum(a.values()), sum(b.values())
+    keys = set(a) | set(b)
+    rows, pool = [], [0, 0]
+    for key in keys:
+        x, y = a.get(key, 0), b.get(key, 0)
+        if x + y < 10:
+            pool[0] += x
+            pool[1] += y
+        else:
+            rows.append((x, y))
+    if sum(pool):
+        rows.append(tuple(pool))
+    if len(rows) < 2:
+        return 1.0
+    ka, kb = np.sqrt(Nb / Na), np.sqrt(Na / Nb)
+    stat = sum((ka * x - kb * y) ** 2 / (x + y) for x, y in rows)
+    return float(chi2.sf(stat, len(rows) - 1))
+
+
+def _outcomes(out) -> dict:
+    res = {}
+    for n, toks in zip(out.n.tolist(), out.tokens.tolist()):
+        key = (n, *toks[:n])
+        res[key] = res.get(key, 0) + 1
+    return res
+
+
+def _poison_outputs(B, H, k, KL, dev, *, vals=False, sample=False, draft=False):
+    o = {"probs": torch.full((B, H, KL), float("nan"), device=dev),
+         "ids": torch.full((B, H, KL), -77, dtype=torch.int64, device=dev),
+         "tokens": torch.full((B, H), -77, dtype=torch.int64, device=dev),
+         "n": torch.full((B,), -77, dtype=torch.int64, device=dev)}
+    if vals:
+        o["vals"] = torch.full((B, H, KL), float("nan"), device=dev)
+    if sample:
+        o["sample"] = torch.full((B,), -77, dtype=torch.int64, device=dev)
+    if draft:
+        o["draft"] = torch.full((B, H, k), float("nan"), device=dev)
+    return o
+
+
+def _assert_no_poison(o):
+    for name, t in o.items():
+        if t.is_floating_point():
+            assert not bool(t.isnan().any()), f"{name} not fully written"
+        else:
+            assert not bool((t == -77).any()), f"{name} not fully written"
+
+
+# ====================================================================== CPU emulation
+
+
+_CT = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32,
+       np.float32: ctypes.c_float, np.float64: ctypes.c_double}
+
+
+class EmuLauncher:
+    """kernels.py's launcher interface over the host emulation (CPU tensors, raw host pointers)."""
+
+    def __init__(self, lib, threads=32, num_sms=1, reverse=False):
+        self.lib, self.max_threads, self.num_sms, self.reverse = lib, threads, num_sms, reverse
+        self.calls = []
+
+    def launch(self, source, name, grid, block, args):
+        assert all(type(a) in _CT for a in args), [type(a) for a in args]
+        vals = [_CT[type(a)](a.item()) for a in args]
+        argv = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
+        self.calls.append((name, tuple(grid), tuple(block)))
+        self.lib.emu_set_reverse(int(self.reverse))
+        rc = self.lib.emu_launch(name.encode(), grid[0], grid[1], grid[2], block[0], argv)
+        assert rc == 0, f"emulated launch of {name} failed with {rc}"
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler for the host emulation of the kernels")
+    so = tmp_path_factory.mktemp("emu") / "kernel_emu.so"
+    cmd = [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror",
+           f"-I{CSRC}", "-o", str(so), str(EMU_DIR / "emu_driver.cpp")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    lib = ctypes.CDLL(str(so))
+    lib.emu_uniform.restype = ctypes.c_double
+    return lib
+
+
+def test_emu_philox_known_answers(emu):
+    """Random123's kat_vectors for philox4x32-10 (counter, key -> output)."""
+    cases = [([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+             ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+             ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0],
+              [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1])]
+    for ctr, key, want in cases:
+        out = (ctypes.c_uint * 4)()
+        emu.emu_philox((ctypes.c_uint * 4)(*ctr), (ctypes.c_uint * 2)(*key), out)
+        assert list(out) == want
+    u = np.array([emu.emu_uniform(ctypes.c_uint64(7), ctypes.c_uint64(9), i, 3, 16) for i in range(20000)])
+    assert ((u > 0) & (u < 1)).all() and abs(u.mean() - 0.5) < 0.01 and len(set(u.tolist())) == u.size
+
+
+EMU_TOPK = [  # B, H, V, k, dtype, temperature, num_sms (forces vocabulary splits), threads, reverse
+    (2, 3, 1000, 8, torch.float32, 1.0, 1, 32, False),
+    (1, 2, 9000, 50, torch.float32, 0.7, 8, 64, False),
+    (1, 2, 9000, 50, torch.float32, 0.7, 8, 64, True),
+    (3, 2, 5000, 5, torch.bfloat16, 1.3, 4, 32, True),
+    (2, 1, 3000, 64, torch.float16, 1.0, 1, 64, False),
+    (1, 3, 111, 1, torch.float32, 1.0, 1, 32, False),
+]
+
+
+@pytest.mark.parametrize("B,H,V,k,dtype,temperature,sms,threads,reverse", EMU_TOPK)
+def test_emu_topk_softmax_matches_torch(emu, B, H, V, k, dtype, temperature, sms, threads, reverse):
+    g = torch.Generator().manual_seed(V + k)
+    x = (torch.randn(B, H, V, generator=g) * 3).to(dtype)
+    x[0, 0, 17] = float("-inf")
+    L = EmuLauncher(emu, threads=threads, num_sms=sms, reverse=reverse)
+    out = _poison_outputs(B, H, k, k, "cpu", vals=True, sample=True)
+    probs, ids, vals, sample = kernels._topk_lists(x, k, temperature, L, want_vals=True, gumbel=True,
+                                                   seeds=(None, 1, 2), out=(out["probs"], out["ids"], out["vals"],
+                                                                            out["sample"]))
+    del out["tokens"], out["n"]
+    _assert_no_poison(out)
+    _assert_topk_matches(probs, ids, x, k, temperature)
+    assert torch.equal(vals, x.float().gather(-1, ids) / temperature)
+    assert bool(((sample >= 0) & (sample < V)).all())
+    splits = [c for c in L.calls if c[0] == "topk_softmax_merge"]
+    assert bool(splits) == (kernels._num_splits(B * H, V, sms)[0] > 1)
+
+
+def test_emu_topk_ties_and_neg_inf(emu):
+    V, k = 300, 8
+    x = torch.randn(6, 1, V)
+    x[0] = 0.25  # all tied
+    x[1] = float("-inf")
+    x[1, 0, [250, 7, 99]] = torch.tensor([1.0, 2.0, 1.0])  # three finite logits, k = 8
+    x[2] = float("-inf")  # entirely -inf
+    x[3, 0, [5, 200, 201, 40]] = 9.0  # a tie across the top
+    x[4, 0, :] = torch.arange(V) % 4  # many ties at the boundary
+    x[5, 0, 123] = float("-inf")
+    for sms in (1, 8):  # without and with vocabulary splits
+        L = EmuLauncher(emu, num_sms=sms)
+        probs, ids, _, _ = kernels._topk_lists(x, k, 1.0, L)
+        _assert_topk_matches(probs, ids, x, k, 1.0)
+        assert ids[0, 0].tolist() == list(range(k))
+        torch.testing.assert_close(probs[0, 0], torch.full((k,), 1.0 / V))
+        assert ids[1, 0, :3].tolist() == [7, 99, 250] and ids[1, 0, 3:].tolist() == [0, 1, 2, 3, 4]
+        assert probs[1, 0, 3:].eq(0).all() and abs(probs[1, 0, :3].sum().item() - 1) < 1e-6
+        assert ids[2, 0].tolist() == list(range(k)) and probs[2, 0].eq(0).all()  # documented: torch gives NaN
+        assert ids[3, 0, :4].tolist() == [5, 40, 200, 201]
+        assert ids[4, 0].tolist() == [3, 7, 11, 15, 19, 23, 27, 31]
+
+
+def test_emu_topk_half_precision_conversion(emu):
+    """bf16 / fp16 bit patterns (normal, subnormal, zero, inf) read exactly as torch converts them."""
+    for dtype in (torch.float16, torch.bfloat16):
+        bits = torch.randint(0, 1 << 16, (4096,), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+        x = bits.to(torch.int16).view(dtype).float()
+        x = x[torch.isfinite(x) | torch.isinf(x)]
+        finfo = torch.finfo(dtype)
+        special = torch.tensor([0.0, -0.0, finfo.tiny, finfo.tiny / 4, -finfo.tiny / 8, finfo.max, -finfo.max,
+                                float("inf"), float("-inf")])
+        x = torch.cat([special, x[~torch.isnan(x)]])[: 64 * 16].view(16, 1, 64).to(dtype)
+        L = EmuLauncher(emu)
+        _, ids, vals, _ = kernels._topk_lists(x, 64, 1.0, L, want_vals=True)
+        ref = x.float().sort(-1, descending=True).values
+        assert torch.equal(vals, ref)
+        assert torch.equal(x.float().gather(-1, ids), ref)
+
+
+EMU_STEP = [  # B, H, V, k, cfg kwargs, stats, seen, first, max_tokens, threads, reverse
+    (6, 2, 300, 8, {}, False, False, False, False, 32, False),
+    (6, 3, 300, 8, {}, True, True, False, False, 64, False),
+    (6, 3, 300, 8, {}, True, True, False, True, 64, True),
+    (5, 3, 400, 6, {"eps_b": 0.02, "blur": False}, True, False, True, False, 32, False),
+    (5, 3, 400, 6, {"eps_b": 0.0, "adaptive_threshold": False}, True, True, True, False, 32, True),
+    (4, 4, 200, 4, {"eps_b": 0.05, "alpha_c": 0.5}, True, True, False, True, 32, False),
+    (4, 4, 200, 5, {"eps_b": 0.01, "otsu_bins": 16, "repetition_penalty": 2.0}, False, True, True, False, 64, False),
+    (4, 2, 150, 50, {"eps_b": 0.001}, True, False, True, False, 64, False),
+    (3, 1, 100, 8, {}, False, False, False, False, 32, False),
+    (3, 3, 100, 1, {"eps_b": 0.5}, True, False, True, False, 32, False),
+]
+
+
+@pytest.mark.parametrize("B,H,V,k,cfgkw,use_stats,seen,first,caps,threads,reverse", EMU_STEP)
+def test_emu_greedy_step_matches_reference(emu, B, H, V, k, cfgkw, use_stats, seen, first, caps, threads, reverse):
+    stats, toks, succ = _stats(V, max(H, 2))
+    x = _step_logits(B, H, V, seed=B * 100 + H * 10 + k, corpus=(toks, succ))
+    cfg = DynamoConfig(k=k, **cfgkw)
+    g = torch.Generator().manual_seed(9)
+    kw = {"stats": stats if use_stats else None}
+    if seen:
+        kw["seen_tokens"] = torch.rand(B, V, generator=g) < 0.3
+        kw["seen_tokens"][:, torch.from_numpy(toks[:50])] = True
+    if first:
+        top = x.float().topk(k + 2, dim=-1).indices[:, 0]
+        pick = torch.randint(0, k + 2, (B,), generator=g)
+        pick[0] = 0
+        kw["first_tokens"] = top[torch.arange(B), pick]
+    if caps:
+        kw["max_tokens"] = torch.randint(0, H + 1, (B,), generator=g)
+    L = EmuLauncher(emu, threads=threads, reverse=reverse)
+    out_bufs = _poison_outputs(B, H, k, k, "cpu", draft=first)
+    out = kernels._dynamo_step_impl(x, cfg, L, _out=out_bufs, **kw)
+    _assert_no_poison(out_bufs)
+    assert out.tokens is out_bufs["tokens"] and out.n is out_bufs["n"]
+    _assert_step_matches(out, x, kw, cfg)
+    if caps:
+        assert bool((out.n <= kw["max_tokens"].clamp(min=1)).all())
+
+
+def test_emu_step_covers_every_emitted_length(emu):
+    """The fixtures above are only meaningful if rows back off to different lengths."""
+    stats, toks, succ = _stats(300, 3)
+    x = _step_logits(24, 3, 300, seed=7, corpus=(toks, succ))
+    ref = policy.dynamo_step(x, DynamoConfig(k=8), stats=stats)
+    assert set(ref.n.tolist()) == {1, 2, 3}
+    out = kernels._dynamo_step_impl(x, DynamoConfig(k=8), EmuLauncher(emu), stats=stats)
+    _assert_step_matches(out, x, {"stats": stats}, DynamoConfig(k=8))
+
+
+def test_emu_step_half_precision_logits_and_splits(emu):
+    stats, toks, succ = _stats(5000, 3)
+    x = _step_logits(3, 3, 5000, seed=11, corpus=(toks, succ)).to(torch.bfloat16)
+    cfg = DynamoConfig(k=8, eps_b=0.05)
+    L = EmuLauncher(emu, num_sms=6)
+    out = kernels._dynamo_step_impl(x, cfg, L, stats=stats)
+    assert any(c[0] == "topk_softmax_merge" for c in L.calls)
+    _assert_step_matches(out, x, {"stats": stats}, cfg)
+
+
+def test_emu_unsupported_configs_run_the_reference(emu):
+    x = _step_logits(2, 2, 100, seed=1)
+    cfg = DynamoConfig(k=65)
+    L = EmuLauncher(emu)
+    kernels._WARNED.discard("k=65 (the kernels handle 1..64)")
+    with pytest.warns(RuntimeWarning, match="k=65"):
+        out = kernels._dynamo_step_impl(x, cfg, L)
+    assert not L.calls
+    ref = policy.dynamo_step(x, cfg)
+    assert torch.equal(out.tokens, ref.tokens) and torch.equal(out.n, ref.n)
+
+
+def test_emu_n1_sampler_is_head_one_distribution(emu):
+    """eps_b = 1 always backs off to n = 1: tokens follow head_probs (full vocabulary, or top_k)."""
+    B, V = 500, 24
+    g = torch.Generator().manual_seed(4)
+    row = torch.randn(1, 2, V, generator=g) * 1.5
+    x = row.expand(B, 2, V).contiguous()
+    for top_k, temperature in [(None, 0.8), (5, 1.0)]:
+        out = kernels._dynamo_step_impl(x, DynamoConfig(k=3, eps_b=1.0), EmuLauncher(emu), do_sample=True,
+                                        temperature=temperature, top_k=top_k,
+                                        generator=torch.Generator().manual_seed(11))
+        assert bool((out.n == 1).all())
+        target = policy.head_probs(row[:, 0], True, temperature, top_k)[0].double().numpy()
+        counts = np.bincount(out.tokens[:, 0].numpy(), minlength=V)
+        assert counts[target == 0].sum() == 0
+        assert _chi2_pvalue_gof(counts, target) > 1e-6
+
+
+def test_emu_joint_draws_are_distributed_like_the_reference(emu):
+    B, V, H = 500, 30, 2
+    stats, toks, succ = _stats(V, 2)
+    x = _sampling_row(V, H, toks, succ).expand(B, H, V).contiguous()
+    cfg = DynamoConfig(k=4, eps_b=0.02)
+    out = kernels._dynamo_step_impl(x, cfg, EmuLauncher(emu), stats=stats, do_sample=True,
+                                    generator=torch.Generator().manual_seed(1))
+    ref = policy.dynamo_step(x, cfg, stats=stats, do_sample=True, generator=torch.Generator().manual_seed(2))
+    a, b = _outcomes(out), _outcomes(ref)
+    assert len(b) >= 3, b  # the case must be random
+    assert _chi2_pvalue_two_sample(a, b) > 1e-6, (a, b)
+
+
+def test_emu_sampling_is_reproducible_for_a_seeded_generator(emu):
+    x = _step_logits(4, 3, 200, seed=5)
+    cfg = DynamoConfig(k=5, eps_b=0.02)
+    runs = [kernels._dynamo_step_impl(x, cfg, EmuLauncher(emu), do_sample=True,
+                                      generator=torch.Generator().manual_seed(s)) for s in (3, 3)]
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+
+
+# ====================================================================== GPU
+
+gpu = pytest.mark.skipif(not kernels.cuda_available(),
+                         reason="needs CuPy and a CUDA device (kernels.cuda_available() is False)")
+
+GPU_TOPK = [  # B, H, V, k, dtype, temperature
+    (1, 3, 111, 1, torch.float32, 1.0),
+    (7, 3, 8192, 8, torch.bfloat16, 0.7),
+    (64, 3, 50304, 50, torch.float32, 1.0),
+    (256, 3, 151936, 8, torch.float16, 1.3),
+    (1, 3, 151936, 50, torch.bfloat16, 1.0),
+    (1, 2, 50304, 64, torch.float32, 0.5),
+    (256, 2, 111, 50, torch.float16, 1.0),
+    (7, 4, 151936, 1, torch.float32, 2.0),
+]
+
+
+@gpu
+@pytest.mark.parametrize("B,H,V,k,dtype,temperature", GPU_TOPK)
+def test_gpu_topk_softmax_matches_torch(B, H, V, k, dtype, temperature):
+    g = torch.Generator(device="cuda").manual_seed(B + V + k)
+    x = (torch.randn(B, H, V, generator=g, device="cuda") * 3).to(dtype)
+    x[0, 0, :V // 3] = float("-inf")
+    out = (torch.full((B, H, k), float("nan"), device="cuda"), torch.full((B, H, k), -77, device="cuda"))
+    probs, ids = kernels.topk_softmax(x, k, temperature, out=out)
+    assert probs is out[0] and ids is out[1]
+    assert not bool(probs.isnan().any()) and not bool((ids == -77).any())
+    _assert_topk_matches(probs, ids, x, k, temperature)
+
+
+@gpu
+def test_gpu_topk_ties_and_non_contiguous_input():
+    V = 50304
+    x = torch.randn(8, 3, 2, V, device="cuda")[:, :, 1]  # strided rows
+    x[0] = 1.0
+    x[1, :, 1000:] = float("-inf")
+    x[2] = float("-inf")
+    probs, ids = kernels.topk_softmax(x, 50)
+    _assert_topk_matches(probs, ids, x, 50, 1.0)
+    assert ids[0, 0].tolist() == list(range(50))
+
+
+GPU_STEP = [  # B, H, V, k, dtype, temperature (sampling only), cfg kwargs, stats
+    (1, 2, 111, 1, torch.float32, {}, True),
+    (7, 3, 8192, 8, torch.bfloat16, {}, True),
+    (64, 3, 50304, 50, torch.float32, {}, True),
+    (256, 3, 151936, 8, torch.float16, {"eps_b": 0.05}, True),
+    (256, 2, 50304, 50, torch.bfloat16, {"blur": False}, True),
+    (7, 4, 50304, 8, torch.float32, {"eps_b": 0.02}, True),
+    (64, 4, 151936, 8, torch.float32, {}, False),
+    (1, 4, 8192, 50, torch.bfloat16, {"eps_b": 0.2}, False),
+    (64, 3, 8192, 50, torch.float32, {"eps_b": 0.0, "adaptive_threshold": False}, True),
+]
+
+
+@gpu
+@pytest.mark.parametrize("B,H,V,k,dtype,cfgkw,use_stats", GPU_STEP)
+@pytest.mark.parametrize("extras", ["plain", "seen+caps", "speculative"])
+def test_gpu_greedy_step_matches_reference(B, H, V, k, dtype, cfgkw, use_stats, extras):
+    dev = torch.device("cuda")
+    stats, toks, succ = _stats(V, H) if use_stats else (None, *_markov_corpus(V, 20000, seed=V))
+    x = _step_logits(B, H, V, seed=B + H + k, corpus=(toks, succ)).to(dev, dtype)
+    cfg = DynamoConfig(k=k, **cfgkw)
+    g = torch.Generator(device=dev).manual_seed(9)
+    kw = {"stats": stats}
+    if extras == "seen+caps":
+        kw["seen_tokens"] = torch.rand(B, V, generator=g, device=dev) < 0.01
+        kw["max_tokens"] = torch.randint(0, H + 1, (B,), generator=g, device=dev)
+    if extras == "speculative":
+        top = x.float().topk(k + 1, dim=-1).indices[:, 0]
+        kw["first_tokens"] = top[torch.arange(B, device=dev), torch.randint(0, k + 1, (B,), generator=g, device=dev)]
+    bufs = _poison_outputs(B, H, k, k, dev, draft=extras == "speculative")
+    out = kernels._dynamo_step_impl(x, cfg, kernels._CupyLauncher(dev), _out=bufs, **kw)
+    _assert_no_poison(bufs)
+    _assert_step_matches(out, x, kw, cfg)
+    out2 = kernels.cuda_dynamo_step(x, cfg, **kw)  # the public entry point agrees with itself
+    assert torch.equal(out2.tokens, out.tokens) and torch.equal(out2.n, out.n)
+
+
+@gpu
+@pytest.mark.parametrize("top_k,temperature", [(None, 1.0), (None, 0.7), (20, 1.0)])
+def test_gpu_n1_sampler_is_head_one_distribution(top_k, temperature):
+    B, V = 20000, 50304
+    g = torch.Generator(device="cuda").manual_seed(0)
+    row = torch.randn(1, 2, V, generator=g, device="cuda") * 2
+    row[0, 0, :30] += 6.0  # a head of 30 likely tokens, the rest in the tail
+    x = row.expand(B, 2, V)  # stride 0 over the batch: read in place
+    out = kernels.cuda_dynamo_step(x, DynamoConfig(k=8, eps_b=1.0), do_sample=True, temperature=temperature,
+                                   top_k=top_k, generator=torch.Generator(device="cuda").manual_seed(1))
+    assert bool((out.n == 1).all())
+    target = policy.head_probs(row[:, 0], True, temperature, top_k)[0].double().cpu().numpy()
+    counts = np.bincount(out.tokens[:, 0].cpu().numpy(), minlength=V)
+    assert counts[target == 0].sum() == 0
+    assert _chi2_pvalue_gof(counts, target) > 1e-6
+
+
+@gpu
+@pytest.mark.parametrize("H,k,V,speculative,adaptive", [(2, 4, 30, False, True), (2, 8, 8192, False, False),
+                                                      (3, 8, 8192, False, False), (3, 50, 4096, True, False)])
+def test_gpu_sampled_steps_are_distributed_like_the_reference(H, k, V, speculative, adaptive):
+    B = 8000
+    dev = torch.device("cuda")
+    stats, toks, succ = _stats(V, H)
+    x = _sampling_row(V, H, toks, succ).to(dev).expand(B, H, V).contiguous()
+    cfg = DynamoConfig(k=k, eps_b=0.02, adaptive_threshold=True) if adaptive else \
+        DynamoConfig(k=k, eps_b=0.01, adaptive_threshold=False)
+    kw = {"stats": stats, "do_sample": True, "temperature": 0.9}
+    if speculative:
+        kw["first_tokens"] = torch.full((B,), int(x[0, 0].argmax()), device=dev)
+    out = kernels.cuda_dynamo_step(x, cfg, generator=torch.Generator(device=dev).manual_seed(1), **kw)
+    ref = policy.dynamo_step(x, cfg, generator=torch.Generator(device=dev).manual_seed(2), **kw)
+    a, b = _outcomes(out), _outcomes(ref)
+    assert len(b) >= 3, b
+    assert _chi2_pvalue_two_sample(a, b) > 1e-6
+    if speculative:  # the draft distributions are deterministic given the emitted prefix
+        same = (out.n == ref.n) & (out.tokens == ref.tokens).all(-1)
+        torch.testing.assert_close(out.draft_probs[same], ref.draft_probs[same], rtol=1e-4, atol=2e-5)
+
+
+@gpu
+def test_gpu_seeded_generator_is_reproducible_and_runs_on_the_current_stream():
+    x = _step_logits(64, 3, 8192, seed=2).cuda()
+    cfg = DynamoConfig(k=8, eps_b=0.02)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        a = kernels.cuda_dynamo_step(x, cfg, do_sample=True, generator=torch.Generator(device="cuda").manual_seed(4))
+    s.synchronize()
+    b = kernels.cuda_dynamo_step(x, cfg, do_sample=True, generator=torch.Generator(device="cuda").manual_seed(4))
+    assert torch.equal(a.tokens, b.tokens)
+    c = kernels.cuda_dynamo_step(x, cfg, do_sample=True, generator=torch.Generator().manual_seed(4))  # CPU generator
+    assert c.tokens.shape == (64, 3)
