@@ -1,0 +1,245 @@
+"""HFMTP: transformers causal LMs (GPT-NeoX, Llama) as MTP models - cache, exactness against
+``transformers.generate``, head training, heads files. Tiny random configs; CPU, fp32, 1 thread."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+
+from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,  # noqa: E402
+                          LlamaForCausalLM)
+
+from dynamo_sampling import sample  # noqa: E402
+from dynamo_sampling.models.hf import HFMTP, load_heads, save_heads  # noqa: E402
+from dynamo_sampling.train.hf_heads import head_accuracy, train_heads  # noqa: E402
+
+V = 97
+TOL = 1e-5  # fp32; cached and uncached paths run the same ops on different shapes
+FAMILIES = ("gpt_neox", "llama")
+
+
+def make_base(family: str, seed: int = 0, **overrides):
+    """A tiny random base model. initializer_range 0.2: peaky logits, so greedy comparisons with
+    transformers do not hinge on 1e-7 near-ties."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                  max_position_embeddings=128, initializer_range=0.2)
+    if family == "gpt_neox":
+        return GPTNeoXForCausalLM(GPTNeoXConfig(**{**common, **overrides})).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**common, "num_key_value_heads": 2, **overrides})).eval()  # GQA
+
+
+def set_attn(base, attn: str):
+    if hasattr(base, "set_attn_implementation"):  # transformers >= 5
+        base.set_attn_implementation(attn)
+    else:
+        base.config._attn_implementation = attn
+
+
+def make_wrapper(base, seed: int = 1):
+    return HFMTP(base, n_heads=3, generator=torch.Generator().manual_seed(seed)).eval()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """A repetitive token stream (12 phrases of 4..8 tokens in random order): heads 2..H can learn it."""
+    rng = np.random.default_rng(0)
+    phrases = [rng.integers(3, 60, size=rng.integers(4, 9)) for _ in range(12)]
+    stream = np.concatenate([phrases[i] for i in rng.integers(0, 12, 5000)])
+    return stream[:-3000], stream[-3000:]  # train, held out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_head1_is_the_base_model_and_cache_equals_full_forward(family, attn):
+    base = make_base(family)
+    set_attn(base, attn)
+    model = make_wrapper(base)
+    ids = torch.randint(0, V, (3, 20))
+    pos = torch.arange(20).expand(3, 20)
+    full = model(ids, pos)  # (3, 20, 3, V)
+    assert full.shape == (3, 20, 3, V) and full.dtype == torch.float32
+    assert torch.allclose(full[:, :, 0], base(ids).logits, atol=TOL)
+    cache = model.new_cache(3, max_len=32)
+    pieces = [model(ids[:, a:b], pos[:, a:b], cache) for a, b in [(0, 7), (7, 8), (8, 11), (11, 20)]]
+    assert torch.allclose(torch.cat(pieces, 1), full, atol=TOL)
+    one = model(ids, pos, heads=1)
+    assert one.shape == (3, 20, 1, V) and torch.allclose(one[:, :, 0], full[:, :, 0], atol=TOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_ragged_feed_and_rollback(family):
+    model = make_wrapper(make_base(family))
+    ids = torch.randint(0, V, (2, 12))
+    pos = torch.arange(12).expand(2, 12)
+    full = model(ids, pos)
+    cache = model.new_cache(2, max_len=16)
+    model(ids[:, :5], pos[:, :5], cache)
+    # row 0 feeds 3 tokens, row 1 feeds 1 token plus padding: rows write different slots
+    out = model(ids[:, 5:8], torch.tensor([[5, 6, 7], [5, -1, -1]]), cache)
+    assert torch.allclose(out[0], full[0, 5:8], atol=TOL)
+    assert torch.allclose(out[1, 0], full[1, 5], atol=TOL)
+    # roll row 0 back to length 6 by overwriting position 6: its stale slot 7 is never read
+    other = torch.randint(0, V, (1, 1))
+    out2 = model(torch.cat([other, ids[1:, 6:7]]), torch.tensor([[6], [6]]), cache)
+    ref = model(torch.cat([ids[:1, :6], other], 1), torch.arange(7)[None])[0, 6]
+    assert torch.allclose(out2[0, 0], ref, atol=TOL)
+    assert torch.allclose(out2[1, 0], full[1, 6], atol=TOL)
+
+
+def left_padded(seed: int, lens=(5, 9, 2, 7)):
+    g = torch.Generator().manual_seed(seed)
+    S = max(lens)
+    ids = torch.zeros(len(lens), S, dtype=torch.long)
+    mask = torch.zeros(len(lens), S, dtype=torch.long)
+    for i, n in enumerate(lens):
+        ids[i, S - n:] = torch.randint(3, V, (n,), generator=g)
+        mask[i, S - n:] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("strategy", ["ar", "speculative"])
+def test_greedy_equals_transformers_generate(family, strategy):
+    base = make_base(family)
+    model = make_wrapper(base)
+    ids, mask = left_padded(seed=3)
+    eos = base.generation_config.eos_token_id  # GPT-NeoX's default config stops on token 2: exercised too
+    ref = base.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    # eps_b=0: always draft H tokens, so verification (not the back-off) decides what is emitted
+    out = sample(model, ids, mask, strategy=strategy, max_new_tokens=24, eos_token_id=eos, pad_token_id=0, eps_b=0.0)
+    assert ref.shape[1] <= out.shape[1]
+    expected = torch.nn.functional.pad(ref, (0, out.shape[1] - ref.shape[1]), value=0)
+    assert torch.equal(out, expected)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def trained(request, corpus):
+    """Heads trained for ~10 s per family (frozen base), with accuracies and logits before/after."""
+    torch.set_num_threads(1)
+    family = request.param
+    train, held_out = corpus
+    base = make_base(family, initializer_range=0.02)
+    model = make_wrapper(base)
+    probe = torch.as_tensor(held_out[:40])[None]
+    probe_pos = torch.arange(40)[None]
+    with torch.no_grad():
+        before = model(probe, probe_pos)
+    acc_before = head_accuracy(model, held_out, seq_len=32)
+    history = train_heads(model, train, steps=400, batch_size=8, seq_len=32, lr=1e-2, val_tokens=held_out,
+                          eval_every=200, eval_batches=2)
+    acc_after = head_accuracy(model, held_out, seq_len=32)
+    with torch.no_grad():
+        after = model(probe, probe_pos)
+    return dict(family=family, base=base, model=model, history=history, acc_before=acc_before,
+                acc_after=acc_after, before=before, after=after, probe=probe)
+
+
+def test_training_raises_heads_accuracy_and_keeps_head1(trained):
+    acc_b, acc_a = trained["acc_before"], trained["acc_after"]
+    for h in (1, 2):  # heads 2 and 3
+        assert acc_a[h] > acc_b[h] + 0.3, (trained["family"], acc_b, acc_a)
+    assert acc_a[0] == acc_b[0]
+    assert torch.equal(trained["after"][:, :, 0], trained["before"][:, :, 0])  # frozen base: head 1 bit for bit
+    val = [r["val"] for r in trained["history"] if "val" in r]
+    assert len(val) == 2 and val[-1][1] < val[0][1] and val[-1][2] < val[0][2]
+    assert all(p.requires_grad for p in trained["base"].parameters())  # flags restored
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_heads_distilled_from_the_base_get_drafts_accepted(family):
+    """The workflow for a frozen base: train the heads on the base's own greedy continuations, then
+    speculative decoding still equals ``generate`` token for token and accepts drafts. (Default init:
+    a random base with initializer_range 0.2 is too chaotic for heads to predict from 32-token windows.)"""
+    base = make_base(family, initializer_range=0.02)
+    g = torch.Generator().manual_seed(5)
+    prompts = torch.randint(3, V, (48, 4), generator=g)
+    own = base.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=60, do_sample=False,
+                        pad_token_id=0, eos_token_id=None)  # (48, 64)
+    model = make_wrapper(base)
+    train_heads(model, own[:40].flatten(), steps=150, batch_size=8, seq_len=32, lr=1e-2)
+    ids, mask = own[40:, :4].clone(), torch.ones(8, 4, dtype=torch.long)
+    ids[1, :2], mask[1, :2] = 0, 0  # one ragged row
+    ref = base.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0, eos_token_id=None)
+    out = sample(model, ids, mask, strategy="speculative", max_new_tokens=30, pad_token_id=0, eps_b=0.0,
+                 return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    assert out.accepted.sum() > 0.2 * out.drafted.sum(), (out.accepted, out.drafted)
+    assert float(out.tokens_per_step.mean()) > 1.3
+
+
+def test_saved_heads_load_into_fresh_wrapper(trained, tmp_path):
+    model = trained["model"]
+    path = tmp_path / "heads.safetensors"
+    save_heads(model, path)
+    fresh = make_wrapper(trained["base"], seed=7)
+    with torch.no_grad():
+        assert not torch.equal(fresh(trained["probe"], torch.arange(40)[None]), trained["after"])
+        load_heads(fresh, path)
+        assert torch.equal(fresh(trained["probe"], torch.arange(40)[None]), trained["after"])
+
+
+def test_heads_file_for_another_base_model_is_refused(tmp_path):
+    neox = make_wrapper(make_base("gpt_neox"))
+    path = tmp_path / "heads.safetensors"
+    save_heads(neox, path)
+    llama = make_wrapper(make_base("llama"))
+    with pytest.raises(ValueError, match="trained for another base model: expected base_model='' config_sha256="):
+        load_heads(llama, path)
+    renamed = make_base("gpt_neox")
+    renamed.config._name_or_path = "EleutherAI/pythia-70m"
+    with pytest.raises(ValueError, match="expected base_model='EleutherAI/pythia-70m' .* found base_model=''"):
+        load_heads(make_wrapper(renamed), path)
+    load_heads(make_wrapper(renamed), path, strict=False)  # the override still loads matching shapes
+    with pytest.raises(ValueError, match="holds n_heads=3, the model has n_heads=2"):
+        load_heads(HFMTP(make_base("gpt_neox"), n_heads=2), path)
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(2)}, str(other))
+    with pytest.raises(ValueError, match="is not a heads file: metadata format None"):
+        load_heads(neox, other)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_heads(neox, tmp_path / "missing.safetensors")
+
+
+def test_train_base_true_trains_the_base_at_low_lr(corpus):
+    base = make_base("llama", initializer_range=0.02)
+    model = make_wrapper(base)
+    w0 = base.lm_head.weight.detach().clone()
+    train_heads(model, corpus[0], steps=5, batch_size=2, seq_len=16, lr=1e-2, train_base=True, warmup_steps=1)
+    assert not torch.equal(base.lm_head.weight, w0)
+
+
+def test_errors_at_the_boundary():
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    with pytest.raises(TypeError, match="HFMTP supports GPTNeoXForCausalLM, LlamaForCausalLM .*got GPT2LMHeadModel"):
+        HFMTP(gpt2)
+    base = make_base("gpt_neox")
+    model = make_wrapper(base)
+    set_attn(base, "flex_attention")
+    with pytest.raises(ValueError, match="HFMTP needs attn_implementation 'eager' or 'sdpa'.*got 'flex_attention'"):
+        model(torch.zeros(1, 2, dtype=torch.long), torch.arange(2)[None])
+    set_attn(base, "sdpa")
+    with pytest.raises(ValueError, match="heads must be in 1..3, got 4"):
+        model(torch.zeros(1, 2, dtype=torch.long), torch.arange(2)[None], heads=4)
+    with pytest.raises(ValueError, match="cache max_len 129 exceeds the model's context 128"):
+        model.new_cache(1, max_len=129)
+    with pytest.raises(ValueError, match="tokens must be in \\[0, 97\\)"):
+        train_heads(model, np.full(200, 500), steps=1, seq_len=8)
+    with pytest.raises(ValueError, match="exceeds the model's context of 128 tokens"):
+        sample(model, torch.zeros(1, 100, dtype=torch.long), max_new_tokens=40)
+
+
+def test_importing_the_package_does_not_import_transformers():
+    code = "import sys, dynamo_sampling, dynamo_sampling.train.hf_heads; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=__file__.rsplit("/tests/", 1)[0])
