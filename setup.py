@@ -32,7 +32,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy>=1.24", "scipy>=1.10", "safetensors>=0.4", "tokenizers>=0.15", "tqdm>=4.60"],
     extras_require={
-        "cuda": ["cupy-cuda13x"]  # the CUDA 13 wheel; CUDA 12 users install cupy-cuda12x themselves,
+        "cuda": ["cupy-cuda13x"],  # the CUDA 13 wheel; CUDA 12 users install cupy-cuda12x themselves
         "hf": ["transformers>=4.48"],
         "dev": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.6"],
     },
