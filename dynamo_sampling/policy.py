@@ -60,7 +60,9 @@ class DynamoConfig:
     blur_sigma: float = 1.0  # taps are exp(-1/(2 sigma^2)), 1, exp(-1/(2 sigma^2)), normalised
     otsu_bins: int = 256
     repetition_penalty: float = 1.1  # divides J once per token of the cell already in the row
-    candidates: str = "sparse"  # "sparse" (fast path) or "dense" (the k**n reference); same tokens
+    # "sparse" (fast path), "dense" (the k**n reference) or "auto": sparse unless nothing prunes
+    # (tau_n = 0 and no statistics), where the plain grid is ~3x cheaper. Same tokens either way.
+    candidates: str = "auto"
 
     def validate(self):
         if not 0.0 <= self.eps_b <= 1.0:
@@ -75,8 +77,8 @@ class DynamoConfig:
             raise ValueError(f"blur_sigma must be > 0, got {self.blur_sigma}")
         if self.otsu_bins < 2:
             raise ValueError(f"otsu_bins must be >= 2, got {self.otsu_bins}")
-        if self.candidates not in ("sparse", "dense"):
-            raise ValueError(f"candidates must be 'sparse' or 'dense', got {self.candidates!r}")
+        if self.candidates not in ("auto", "sparse", "dense"):
+            raise ValueError(f"candidates must be 'auto', 'sparse' or 'dense', got {self.candidates!r}")
 
 
 @dataclass
@@ -337,7 +339,8 @@ def dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats=None, do_
         match = topk_ids[:, 0, :] == first_tokens[:, None]  # (B, k)
         first_idx = match.float().argmax(-1)
         undecided &= match.any(-1)  # first token outside head 1's top-k: no draft
-    find = sparse_candidates if cfg.candidates == "sparse" else dense_candidates
+    dense = cfg.candidates == "dense" or (cfg.candidates == "auto" and cfg.eps_b == 0 and use_stats is None)
+    find = dense_candidates if dense else sparse_candidates
 
     tokens = torch.full((B, H), -1, dtype=torch.long, device=dev)
     n_out = torch.ones(B, dtype=torch.long, device=dev)
