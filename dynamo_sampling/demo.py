@@ -12,10 +12,12 @@ import torch
 
 from .sampling import sample
 
+# Prompts end before the newline: the BPE merges a newline with the next line's indentation, so a
+# prompt ending in a bare "\n" is a token sequence the model never saw in training.
 PROMPTS = [
-    'def is_palindrome(text):\n    """Return True if text reads the same forwards and backwards."""\n',
-    "import os\n\n\ndef list_python_files(root):\n",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
+    'def is_palindrome(text):\n    """Return True if text reads the same forwards and backwards."""',
+    "import os\n\n\ndef list_python_files(root):",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):",
 ]
 
 

@@ -1,7 +1,8 @@
 """Greedy completions of held-out function headers (the README's examples).
 
 Takes top-level functions with a one-line docstring from the stdlib test split (never trained
-on), prompts with just ``def ...:`` + docstring, and completes greedily with each strategy.
+on), prompts with just ``def ...:`` + docstring (no trailing newline), and completes greedily
+with each strategy.
 
     python evals/completions.py --n 3 --out evals/results/completions.md
 """
@@ -35,8 +36,9 @@ def function_headers(n: int):
             doc = node.body[0]
             if ast.get_docstring(node) is None or doc.lineno != doc.end_lineno or node.lineno != doc.lineno - 1:
                 continue
-            header = "".join(lines[node.lineno - 1:doc.end_lineno])
-            body = "".join(lines[doc.end_lineno:node.end_lineno])
+            # the prompt ends before the newline: BPE merges it with the next line's indentation
+            header = "".join(lines[node.lineno - 1:doc.end_lineno]).rstrip("\n")
+            body = "\n" + "".join(lines[doc.end_lineno:node.end_lineno])
             out.append((rel, header, body))
             break  # one per file, for variety
         if len(out) == n:
