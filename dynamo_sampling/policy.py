@@ -227,19 +227,19 @@ def blur_candidates(cand: Candidates, k: int, sigma: float, method: str = "auto"
             xp = torch.nn.functional.pad(x, pad)
             x = taps[0] * x + taps[-1] * (xp.narrow(axis, 0, k) + xp.narrow(axis, 2, k))
         return x.reshape(-1)[slot * k ** n + local]
-    out = torch.zeros_like(cand.J)
-    for offset in itertools.product((-1, 0, 1), repeat=n):
-        nb = cand.idx + torch.tensor(offset, device=cand.idx.device)
-        inside = ((nb >= 0) & (nb < k)).all(-1)
-        flat = torch.zeros_like(cand.rows)
-        for h in range(n):
-            flat = flat * k + nb[:, h].clamp(0, k - 1)
-        nb_key = cand.rows * k ** n + flat
-        pos = torch.searchsorted(keys, nb_key).clamp(max=keys.numel() - 1)
-        hit = inside & (keys[pos] == nb_key)
-        weight = math.prod(taps[o] for o in offset)
-        out += torch.where(hit, cand.J[pos], torch.zeros_like(out)) * weight
-    return out
+    # all 3**n neighbours at once: (M, 3**n, n) indices, one binary search over the sorted keys
+    offsets = torch.tensor(list(itertools.product((-1, 0, 1), repeat=n)), device=cand.idx.device)  # (3**n, n)
+    tap = torch.tensor([math.prod(taps[o] for o in off) for off in offsets.tolist()], dtype=cand.J.dtype,
+                       device=cand.J.device)  # (3**n,)
+    nb = cand.idx[:, None, :] + offsets[None]  # (M, 3**n, n)
+    inside = ((nb >= 0) & (nb < k)).all(-1)
+    flat = torch.zeros_like(nb[..., 0])
+    for h in range(n):
+        flat = flat * k + nb[..., h].clamp(0, k - 1)
+    nb_key = cand.rows[:, None] * k ** n + flat
+    pos = torch.searchsorted(keys, nb_key.reshape(-1)).clamp(max=keys.numel() - 1).view_as(nb_key)
+    hit = inside & (keys[pos] == nb_key)
+    return (torch.where(hit, cand.J[pos], torch.zeros_like(tap)) * tap).sum(-1)
 
 
 def otsu_threshold(values: torch.Tensor, rows: torch.Tensor, n_rows: int, bins: int) -> torch.Tensor:
