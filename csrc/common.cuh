@@ -128,6 +128,14 @@ __device__ T block_reduce(T v, Op op) {
 __device__ __forceinline__ double block_sum(double v) { return block_reduce(v, OpSum()); }
 __device__ __forceinline__ float block_min(float v) { return block_reduce(v, OpMin()); }
 __device__ __forceinline__ float block_max(float v) { return block_reduce(v, OpMax()); }
+
+// Softmax normaliser of a block from per-thread (max m, sum of exp(x - m) s): the block max and
+// the sum rescaled to it (float64). Every thread of the block must call it.
+__device__ __forceinline__ double block_sumexp(float m, double s, float* bmax_out) {
+  const float bmax = block_max(m);
+  *bmax_out = bmax;
+  return block_sum(s > 0.0 ? s * exp(static_cast<double>(m) - static_cast<double>(bmax)) : 0.0);
+}
 __device__ __forceinline__ int block_or(int v) { return block_reduce(v, OpOr()); }
 
 // ------------------------------------------------------------------ Philox4x32-10

@@ -131,9 +131,8 @@ __device__ void topk_partial(const typename L::T* __restrict__ logits, i64 strid
   }
 
   // 2. block max and sum of exp(x - max)
-  const float bmax = block_max(m);
-  const double contrib = s > 0.0 ? s * exp(static_cast<double>(m) - static_cast<double>(bmax)) : 0.0;
-  const double bsum = block_sum(contrib);
+  float bmax;
+  const double bsum = block_sumexp(m, s, &bmax);
 
   // 3. merge the per-thread lists: k rounds of "best head wins, its owner advances"
   int ptr = 0;
@@ -213,9 +212,8 @@ extern "C" __global__ void topk_softmax_merge(int H, int S, int k, int gumbel, c
 
   const float m = owner ? part_max[ps] : neg_inf_f();
   const double s = owner ? part_sum[ps] : 0.0;
-  const float bmax = block_max(m);
-  const double contrib = s > 0.0 ? s * exp(static_cast<double>(m) - static_cast<double>(bmax)) : 0.0;
-  const double bsum = block_sum(contrib);
+  float bmax;
+  const double bsum = block_sumexp(m, s, &bmax);
 
   int ptr = 0;
   for (int r = 0; r < k; ++r) {
