@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:
 
 from dynamo_sampling import DynamoConfig, dynamo_step, sample  # noqa: E402
 from dynamo_sampling.cooccurrence import CooccurrenceStats  # noqa: E402
+from benchmarks.bench_core import prefix_tokens  # noqa: E402
 from evals.assets import assets_or_random, machine_line, machine_info  # noqa: E402
 
 PROMPT_LEN = 64
@@ -49,20 +50,11 @@ def assets():
     return assets_or_random(None, need_stats=True, threads=1, log=lambda *a: None)
 
 
-def _prompts(batch: int, vocab: int) -> torch.Tensor:
-    path = ROOT / "runs/data/test.npy"
-    if path.is_file():
-        t = np.load(path)
-        if t.size >= batch * PROMPT_LEN and int(t.max()) < vocab:
-            return torch.from_numpy(t[:batch * PROMPT_LEN].astype(np.int64)).view(batch, PROMPT_LEN)
-    return torch.randint(0, vocab, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
-
-
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
 @pytest.mark.parametrize("strategy", ["ar", "dynamo", "speculative"])
 def test_generate_latency(benchmark, assets, strategy, batch_size):
     model, stats = assets.model, assets.stats
-    ids = _prompts(batch_size, model.vocab_size)
+    ids = prefix_tokens(PROMPT_LEN, batch_size, model.vocab_size)
     last = {}
 
     def run():

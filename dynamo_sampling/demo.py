@@ -6,7 +6,6 @@ this run (same prompt, same number of new tokens, greedy).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 

@@ -19,7 +19,6 @@ pass a chi-square test at p > 1e-6 against the exact target or the reference's d
 from __future__ import annotations
 
 import ctypes
-import os
 import shutil
 import subprocess
 import sys

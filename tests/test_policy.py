@@ -1,5 +1,4 @@
 """The DynaMo step policy: thresholds, back-off, co-occurrence masking, the sparse lookups."""
-import itertools
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ def test_otsu_splits_two_clusters():
 
 
 def test_blur_is_separable_3_tap_gaussian():
-    k, n = 3, 2
+    k = 3
     grid = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(3), indexing="ij"), -1).view(-1, 2)
     J = torch.zeros(9)
     J[4] = 1.0  # centre of a 3x3 grid

@@ -1,10 +1,9 @@
 """sample(): the three strategies, ragged batches, exactness of speculative decoding, errors."""
-import math
 
 import pytest
 import torch
 
-from dynamo_sampling import DynamoConfig, TinyMTP, TinyMTPConfig, sample
+from dynamo_sampling import TinyMTP, TinyMTPConfig, sample
 from toy_models import NaNModel, oracle_model, random_table_model
 
 V = 101

@@ -1,7 +1,6 @@
 """Training recipe and the bundled-model loader."""
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest

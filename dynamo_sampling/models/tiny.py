@@ -24,8 +24,7 @@ pay for heads it does not use); a cache filled with ``heads=1`` holds no keys fo
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
