@@ -1,32 +1,75 @@
 """One decoding loop for every strategy (used by ``sampling.sample``).
 
 State per row: the KV cache holds the row's tokens at positions ``0..len-1`` and ``last_logits``
-are the heads' logits at position ``len-1``. A step picks tokens from ``last_logits``, feeds them
-in one forward (ragged: each row feeds its own count, padding has position -1), and takes the new
-``last_logits`` at the row's last kept position.
+are the heads' logits at position ``len-1``. A step is *propose -> feed -> verify -> commit*:
+propose picks tokens from ``last_logits`` (and the lookup index), one forward feeds them (ragged:
+each row feeds its own count, padding has position -1), verify decides how many are kept, commit
+writes them out and takes the new ``last_logits`` at the row's last kept position.
 
 * ``ar``: head 1 only (``heads=1``), one token per step.
 * ``dynamo``: the step policy's n-gram is emitted directly (lossy).
-* ``speculative``: the first token is drawn exactly from head 1 (the ``ar`` sampler); the step
-  policy drafts the rest conditioned on it; the forward that feeds ``[t1, d2..dn]`` gives head 1
-  at every fed position, which verifies ``d2..dn`` left to right (greedy: exact match; sampling:
-  accept ``d`` with probability ``min(1, p(d) / q(d))``). The cache keeps the accepted prefix
-  (rolling back is lowering ``len``). On a rejection the replacement token must come from the
-  residual ``(p - q)+``; its ``p`` is head 1 at the last kept position, i.e. the next step's
-  ``last_logits``, so the next step draws its first token from that residual instead of ``p``.
-  Every emitted token is thus distributed exactly as under ``ar``.
+* ``speculative``: the first token is drawn exactly from head 1 (the ``ar`` sampler); a draft
+  continues it - the step policy's joint n-gram conditioned on it, or (hybrid, per row) the
+  prompt-lookup draft, whichever promises more kept tokens per unit of step cost; the forward
+  that feeds ``[t1, d2..dn]`` gives head 1 at every fed position, which verifies ``d2..dn`` left
+  to right (greedy: exact match; sampling: accept ``d`` with probability ``min(1, p(d) / q(d))``).
+  The cache keeps the accepted prefix (rolling back is lowering ``len``). On a rejection the
+  replacement token must come from the residual ``(p - q)+``; its ``p`` is head 1 at the last kept
+  position, i.e. the next step's ``last_logits``, so the next step draws its first token from that
+  residual instead of ``p``. Every emitted token is thus distributed exactly as under ``ar``.
+* ``lookup``: prompt-lookup decoding, no heads: as ``speculative`` with the lookup draft only
+  (a point-mass draft distribution) and ``heads=1``.
+
+Only head 1 is unembedded at every fed position; heads 2..H only at each row's last kept
+position (dynamo: the last fed one), once verification has said which it is.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-from .policy import DynamoConfig, StepOutput, draw, dynamo_step, head_probs
+from .lookup import LookupConfig, NgramIndex
+from .policy import DynamoConfig, dynamo_step
+from .samplers import SamplingParams
 
-STRATEGIES = ("ar", "dynamo", "speculative")
+STRATEGIES = ("ar", "dynamo", "speculative", "lookup")
+
+
+@dataclass
+class DraftConfig:
+    """How ``speculative`` and ``lookup`` size their drafts.
+
+    size_by : "cost" (default): each row drafts the length that maximises expected kept tokens per
+        unit of step cost, the acceptance of a joint draft estimated by the policy's own draft
+        probabilities and that of a lookup draft by the row's running acceptance rate; the joint is
+        then the argmax of the heads' top-``joint_k`` joint (DynaMo's thresholds, designed for the
+        lossy mode, are off). "thresholds": DynaMo's eps_b / Otsu rules (``DynamoConfig``) size the
+        joint's drafts, lookup drafts are used whole.
+    joint_k : top-k per head of the speculative joint under "cost" (the full k = 50 grid of the
+        lossy mode costs milliseconds per step; a draft's first few candidates carry its mass).
+    hybrid : speculative also proposes a lookup draft per row; the better of the two is fed.
+    step_cost : cost of one forward feeding T = 1, 2, ... tokens, relative to T = 1; None measures
+        it once per (model, device, dtype, batch size, heads) in this process.
+    """
+
+    size_by: str = "cost"
+    joint_k: int = 10
+    hybrid: bool = True
+    step_cost: Optional[Sequence[float]] = None
+
+    def validate(self):
+        if self.size_by not in ("cost", "thresholds"):
+            raise ValueError(f"size_by must be 'cost' or 'thresholds', got {self.size_by!r}")
+        if self.joint_k < 1:
+            raise ValueError(f"joint_k must be >= 1, got {self.joint_k}")
+        if self.step_cost is not None:
+            cost = list(self.step_cost)
+            if not cost or any(not c > 0 for c in cost):
+                raise ValueError(f"step_cost must be a non-empty sequence of positive costs, got {self.step_cost!r}")
 
 
 @dataclass
@@ -38,9 +81,10 @@ class GenerationOutput:
     steps : LongTensor (B,); forward passes after prefill in which the row emitted tokens.
     new_tokens : LongTensor (B,); tokens emitted per row (EOS included).
     tokens_per_step : FloatTensor (B,); ``new_tokens / steps``.
-    histogram : LongTensor (B, H); ``histogram[b, n-1]`` = steps in which row b emitted n tokens.
-    drafted, accepted : LongTensor (B,); speculative only: draft tokens proposed beyond the first /
-        accepted by verification (zero for other strategies).
+    histogram : LongTensor (B, W); ``histogram[b, n-1]`` = steps in which row b emitted n tokens;
+        W is the most one step can emit (H, or 1 + the lookup draft length).
+    drafted, accepted : LongTensor (B,); speculative / lookup: draft tokens proposed beyond the
+        first / accepted by verification (zero for other strategies).
     wall_time : float; seconds for the whole batch (prefill included).
     """
 
@@ -54,155 +98,377 @@ class GenerationOutput:
     wall_time: float
 
 
-def _check_logits(logits: torch.Tensor, step: int):
-    if torch.isnan(logits).any():
-        raise ValueError(f"the model returned NaN logits (step {step}); expected finite values")
+# ---------------------------------------------------------------- step cost
+
+
+_STEP_COST = {}
+
+
+def measure_step_cost(model, batch_size: int, width: int, heads: int, repeats: int = 5) -> tuple:
+    """Relative cost of one forward feeding T = 1..width tokens per row with ``heads`` heads.
+
+    Timed on a scratch cache holding a 64-token prefix (min of ``repeats`` after a warm-up), head 1
+    unembedded at every fed row and heads 2..H at one, as the loop does. Returns a tuple of
+    ``width`` floats, the first 1.0, made non-decreasing."""
+    p = next(iter(model.parameters()), None)
+    dev = p.device if p is not None else torch.device("cpu")
+    prefix = min(64, model.max_seq_len - width)
+    cache = model.new_cache(batch_size, max_len=prefix + width)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        model(torch.zeros(batch_size, prefix, dtype=torch.long, device=dev),
+              torch.arange(prefix, device=dev).expand(batch_size, prefix), cache, heads=heads, output_hidden=True)
+        times = []
+        for T in range(1, width + 1):
+            ids = torch.zeros(batch_size, T, dtype=torch.long, device=dev)
+            pos = (prefix + torch.arange(T, device=dev)).expand(batch_size, T)
+            best = float("inf")
+            for r in range(repeats + 1):
+                sync()
+                t0 = time.perf_counter()
+                hidden = model(ids, pos, cache, heads=heads, output_hidden=True)
+                model.head_logits(hidden[:, :, 0])
+                if heads > 1:
+                    model.head_logits(hidden[:, -1, 1:])
+                sync()
+                if r:
+                    best = min(best, time.perf_counter() - t0)
+            times.append(best)
+    rel, top = [], 0.0
+    for t in times:
+        top = max(top, t / times[0])
+        rel.append(top)
+    return tuple(rel)
+
+
+def _step_cost(model, batch_size, width, heads, draft: DraftConfig, device) -> torch.Tensor:
+    if draft.step_cost is not None:
+        cost = list(draft.step_cost)
+        cost = cost + [cost[-1]] * (width - len(cost))  # beyond the table: as its last entry
+    else:
+        p = next(iter(model.parameters()), None)
+        key = (id(model), str(device), p.dtype if p is not None else None, batch_size, width, heads)
+        if key not in _STEP_COST:
+            _STEP_COST[key] = measure_step_cost(model, batch_size, width, heads)
+        cost = _STEP_COST[key]
+    return torch.tensor(cost[:width], dtype=torch.float64, device=device)
+
+
+def size_drafts(accept: torch.Tensor, cap: torch.Tensor, cost: torch.Tensor):
+    """Draft length per row by a stopping rule on expected kept tokens per unit of cost.
+
+    accept : (B, D) float; estimated probability that draft token j is accepted given that tokens
+        1..j-1 were, j = 1..D. Token j may be drafted while ``(1 + sum_{i<=j} s_i) / cost[j] >
+        (1 + sum_{i<j} s_i) / cost[j-1]`` with ``s_j = prod_{i<=j} accept_i``; the first token that
+        fails ends the draft. The rule reads only ``accept_1..j`` to decide on token j, so when
+        ``accept_j`` is computed before token j is drawn (from its draft distribution, not from
+        the drawn token), the draft stays a valid speculative proposal and sampling stays exact.
+    cap : (B,) int64; the most draft tokens a row may feed.
+    cost : (>= D + 1,) float64; cost of one forward feeding 1 + d tokens, d = 0..D.
+
+    Returns (length (B,) int64 in 0..min(D, cap), value (B,) float64: expected kept tokens per
+    unit of cost at that length).
+    """
+    B, D = accept.shape
+    surv = accept.double().clamp(0, 1).cumprod(1)  # (B, D)
+    kept = 1.0 + torch.cat([surv.new_zeros(B, 1), surv.cumsum(1)], dim=1)  # (B, D+1): 1 + d drafted
+    c = cost[:D + 1]
+    worth = kept[:, 1:] * c[None, :D] > kept[:, :-1] * c[None, 1:]  # (B, D)
+    worth &= torch.arange(1, D + 1, device=accept.device)[None] <= cap[:, None]
+    length = worth.long().cumprod(1).sum(1)
+    return length, kept.gather(1, length[:, None])[:, 0] / c[length]
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class Proposal:
+    """What one step feeds.
+
+    tokens : (B, W) int64; ``[t1, d2..dn]`` left-aligned, anything after ``n``.
+    n : (B,) int64; tokens fed per row (0 for finished rows).
+    q_ids, q_probs : (B, W, kq) or None; sampling only: the draft distribution of token j >= 1
+        (``q_probs`` over ``q_ids``), what rejection sampling needs.
+    from_lookup : (B,) bool or None; rows whose draft came from the lookup index.
+    """
+
+    tokens: torch.Tensor
+    n: torch.Tensor
+    q_ids: Optional[torch.Tensor] = None
+    q_probs: Optional[torch.Tensor] = None
+    from_lookup: Optional[torch.Tensor] = None
+
+
+class _Decoder:
+    """The loop's state and its four stages (see the module docstring)."""
+
+    def __init__(self, model, input_ids, mask, *, strategy, max_new_tokens, sampling: SamplingParams, eos_token_id,
+                 pad_token_id, dynamo: DynamoConfig, draft: DraftConfig, lookup: LookupConfig, stats, backend):
+        self.model, self.strategy, self.sp = model, strategy, sampling
+        self.dynamo, self.draft, self.lookup, self.stats = dynamo, draft, lookup, stats
+        if backend == "cuda":
+            from .kernels import cuda_dynamo_step as step_policy
+        else:
+            step_policy = dynamo_step
+        self.step_policy = step_policy
+        B, S = input_ids.shape
+        self.B, self.dev, self.H, self.V = B, input_ids.device, model.n_heads, model.vocab_size
+        self.heads = self.H if strategy in ("dynamo", "speculative") else 1
+        uses_lookup = strategy == "lookup" or (strategy == "speculative" and draft.hybrid)
+        self.index = NgramIndex(input_ids, mask, lookup) if uses_lookup else None
+        self.W = {"ar": 1, "dynamo": self.H, "lookup": 1 + lookup.max_draft,
+                  "speculative": max(self.H, 1 + lookup.max_draft) if uses_lookup else self.H}[strategy]
+        self.max_new = max_new_tokens
+        self.static = self.dev.type != "cpu"  # fixed feed width: no host sync for T on accelerators
+        prompt_len = mask.sum(1)  # (B,)
+        self.cache = model.new_cache(B, max_len=int(prompt_len.max()) + max_new_tokens)  # drafts never pass it
+        positions = torch.where(mask, mask.long().cumsum(1) - 1, -1)  # (B, S)
+        hidden = model(input_ids, positions, self.cache, heads=self.heads,
+                       logits_index=torch.full((B, 1), S - 1, dtype=torch.long, device=self.dev), output_hidden=True)
+        self.last_logits = model.head_logits(hidden[:, 0])  # (B, heads, V)
+        self.cache.lengths = prompt_len.clone()
+        W, dev = self.W, self.dev
+        self.out = torch.full((B, max_new_tokens + W), pad_token_id, dtype=torch.long, device=dev)  # + spare columns
+        self.n_gen = torch.zeros(B, dtype=torch.long, device=dev)
+        self.done = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.steps = torch.zeros(B, dtype=torch.long, device=dev)
+        self.hist = torch.zeros(B, W, dtype=torch.long, device=dev)
+        self.drafted = torch.zeros(B, dtype=torch.long, device=dev)
+        self.accepted = torch.zeros(B, dtype=torch.long, device=dev)
+        self.lookup_drafted = torch.zeros(B, dtype=torch.float64, device=dev)
+        self.lookup_accepted = torch.zeros(B, dtype=torch.float64, device=dev)
+        self.eos = torch.tensor(eos_token_id or [], dtype=torch.long, device=dev)
+        self.seen = None
+        if strategy in ("dynamo", "speculative") and dynamo.repetition_penalty != 1.0:
+            self.seen = torch.zeros(B, self.V + 1, dtype=torch.bool, device=dev)  # column V: spare
+            self.seen[torch.arange(B, device=dev)[:, None].expand(B, S)[mask], input_ids[mask]] = True
+        self.residual = None  # (B, V) draft mass to remove from the next first token (sampled rejections)
+        self.ar_w = torch.arange(W, device=dev)
+        self.cost = None
+        if strategy in ("speculative", "lookup") and draft.size_by == "cost":
+            self.cost = _step_cost(model, B, W, self.heads, draft, dev)
+
+    # ------------------------------------------------------------ propose
+
+    def _first_token(self) -> torch.Tensor:
+        """t1 (B,): exact from head 1 at the last position (its residual after a sampled rejection)."""
+        head1 = self.last_logits[:, 0]
+        if not self.sp.do_sample:
+            return head1.argmax(-1)
+        p1 = self.sp.probs(head1)
+        if self.residual is not None:
+            res = (p1 - self.residual).clamp(min=0)
+            mass = res.sum(-1, keepdim=True)
+            p1 = torch.where(mass > 0, res / mass.clamp(min=1e-30), p1)
+        return self.sp.pick(p1)
+
+    def _policy(self, cfg, first_tokens=None):
+        sp = self.sp
+        return self.step_policy(self.last_logits, cfg, stats=self.stats, do_sample=sp.do_sample,
+                                temperature=sp.temperature, top_k=sp.top_k, generator=sp.generator,
+                                seen_tokens=None if self.seen is None else self.seen[:, :self.V],
+                                first_tokens=first_tokens, max_tokens=self.max_new - self.n_gen)
+
+    def propose(self, active) -> Proposal:
+        B, W, dev = self.B, self.W, self.dev
+        if self.strategy == "ar":
+            tok = self.sp.pick(self.sp.probs(self.last_logits[:, 0])) if self.sp.do_sample \
+                else self.last_logits[:, 0].argmax(-1)
+            return Proposal(tok[:, None], active.long())
+        if self.strategy == "dynamo":
+            pol = self._policy(self.dynamo)
+            return Proposal(pol.tokens, torch.where(active, pol.n, 0))
+        first = self._first_token()
+        remaining = self.max_new - self.n_gen
+        tokens = torch.full((B, W), -1, dtype=torch.long, device=dev)
+        tokens[:, 0] = first
+        best_value = torch.full((B,), -1.0, dtype=torch.float64, device=dev)
+        n = torch.ones(B, dtype=torch.long, device=dev)
+        kq = 1
+        q_ids = q_probs = None
+        from_lookup = None
+        if self.strategy == "speculative":
+            cfg = self.dynamo
+            if self.draft.size_by == "cost":
+                cfg = dataclasses.replace(cfg, k=min(self.draft.joint_k, cfg.k), eps_b=0.0, adaptive_threshold=False)
+            pol = self._policy(cfg, first_tokens=first)
+            jn = pol.n.clamp(max=remaining)  # (B,) 1..H
+            H, k = pol.topk_ids.shape[1], pol.topk_ids.shape[2]
+            if self.cost is not None:
+                # acceptance of draft token j, known before it is drawn: greedy, the draft's own
+                # probability of its (deterministic) token; sampling, sum_x q_j(x)^2, the chance that
+                # a draw from q_j agrees with another draw from it. When sampling, the choice against
+                # the lookup draft below reads only q_2 (it must not depend on the drawn tokens).
+                q = pol.draft_probs[:, 1:].double()  # (B, H-1, k)
+                if self.sp.do_sample:
+                    acc = (q * q).sum(-1)
+                else:
+                    acc = (q * (pol.topk_ids[:, 1:] == pol.tokens[:, 1:, None].clamp(min=0))).sum(-1)
+                d_len, best_value = size_drafts(acc, jn - 1, self.cost)
+                if self.sp.do_sample:  # value for the choice: q_2's acceptance at every position
+                    best_value = size_drafts(acc[:, :1].expand_as(acc), jn - 1, self.cost)[1]
+                jn = 1 + d_len
+            else:
+                best_value = (jn - 1).double()
+            n = jn
+            tokens[:, 1:H] = pol.tokens[:, 1:]
+            if self.sp.do_sample:
+                kq = k
+                q_ids = torch.zeros(B, W, k, dtype=torch.long, device=dev)
+                q_probs = torch.zeros(B, W, k, dtype=torch.float32, device=dev)
+                q_ids[:, :H], q_probs[:, :H] = pol.topk_ids, pol.draft_probs
+        if self.index is not None:
+            self.index.extend(first[:, None], active.long())
+            draft, dlen = self.index.propose(max_len=remaining - 1, device=dev)  # (B, D), (B,)
+            D = draft.shape[1]
+            if self.cost is not None:
+                rate = (self.lookup_accepted + 1.0) / (self.lookup_drafted + 2.0)  # running acceptance, prior 1/2
+                j = torch.arange(1, D + 1, device=dev)
+                ld, value = size_drafts(torch.where(j[None] <= dlen[:, None], rate[:, None], 0.0), dlen, self.cost)
+            else:
+                ld, value = dlen, dlen.double()
+            use = (value > best_value) & (ld > 0)
+            from_lookup = use
+            n = torch.where(use, 1 + ld, n)
+            tokens[:, 1:1 + D] = torch.where(use[:, None], draft, tokens[:, 1:1 + D])
+            if self.sp.do_sample:
+                if q_ids is None:
+                    q_ids = torch.zeros(B, W, kq, dtype=torch.long, device=dev)
+                    q_probs = torch.zeros(B, W, kq, dtype=torch.float32, device=dev)
+                point_ids = torch.zeros_like(q_ids[:, 1:1 + D])
+                point_ids[..., 0] = draft.clamp(min=0)
+                point_probs = torch.zeros_like(q_probs[:, 1:1 + D])
+                point_probs[..., 0] = 1.0
+                q_ids[:, 1:1 + D] = torch.where(use[:, None, None], point_ids, q_ids[:, 1:1 + D])
+                q_probs[:, 1:1 + D] = torch.where(use[:, None, None], point_probs, q_probs[:, 1:1 + D])
+        return Proposal(tokens, torch.where(active, n, 0), q_ids, q_probs, from_lookup)
+
+    # ------------------------------------------------------------ feed
+
+    def feed(self, prop: Proposal, T: int) -> torch.Tensor:
+        """One forward over the proposal's first T columns -> hidden (B, T, heads, d)."""
+        fed = self.ar_w[None, :T] < prop.n[:, None]  # (B, T)
+        ids = torch.where(fed, prop.tokens[:, :T], 0)
+        pos = torch.where(fed, self.cache.lengths[:, None] + self.ar_w[None, :T], -1)
+        return self.model(ids, pos, self.cache, heads=self.heads, output_hidden=True)
+
+    # ------------------------------------------------------------ verify
+
+    def verify(self, prop: Proposal, head1: torch.Tensor):
+        """Tokens kept per row (B,) (>= 1 for active rows) from head 1's logits at every fed
+        position, head1 (B, T, V). Draft j (j >= 1) is checked against head 1 at fed index j-1.
+        Greedy: exact match; sampling: accept with probability min(1, p(d) / q(d)), and on the first
+        rejection q_j becomes the residual of the next step's first token."""
+        B, T, V = head1.shape
+        n, dev = prop.n, self.dev
+        d = prop.tokens[:, 1:T].clamp(min=0)  # (B, T-1)
+        checked = torch.arange(1, T, device=dev)[None] < n[:, None]
+        if not self.sp.do_sample:
+            ok = head1[:, :T - 1].argmax(-1) == d
+        else:
+            p = self.sp.probs(head1[:, :T - 1])  # (B, T-1, V)
+            p_d = p.gather(2, d[:, :, None])[:, :, 0].double()
+            q_d = ((prop.q_ids[:, 1:T] == d[:, :, None]) * prop.q_probs[:, 1:T]).sum(-1).double()
+            ok = self.sp.uniform((B, T - 1), dev) * q_d < p_d
+        run = (ok & checked).long().cumprod(1)  # accepted prefix
+        n_acc = run.sum(1)
+        keep = torch.where(n >= 1, 1 + n_acc, 0)
+        self.residual = None
+        if self.sp.do_sample and T > 1:
+            rejected = (n_acc + 1 < n)  # a draft token was checked and refused
+            r = n_acc.clamp(max=T - 2) + 1  # index of the refused draft token
+            q = torch.zeros(B, V, device=dev).scatter_(1, prop.q_ids[torch.arange(B, device=dev), r],
+                                                       prop.q_probs[torch.arange(B, device=dev), r])
+            self.residual = torch.where(rejected[:, None], q, 0.0)
+        return keep
+
+    # ------------------------------------------------------------ commit
+
+    def commit(self, prop: Proposal, keep: torch.Tensor, T: int, active: torch.Tensor):
+        B, dev = self.B, self.dev
+        tokens = prop.tokens[:, :T]
+        if self.eos.numel():  # stop at the first EOS among the kept tokens
+            is_eos = torch.isin(tokens, self.eos) & (self.ar_w[None, :T] < keep[:, None])
+            has_eos = is_eos.any(-1)
+            keep = torch.where(has_eos, is_eos.long().argmax(-1) + 1, keep)
+            self.done |= has_eos
+        kept = self.ar_w[None, :T] < keep[:, None]  # (B, T)
+        spare = self.out.shape[1] - 1
+        col = torch.where(kept, self.n_gen[:, None] + self.ar_w[None, :T], spare)
+        self.out.scatter_(1, col, torch.where(kept, tokens, self.out[:, spare:]))
+        if self.seen is not None:
+            self.seen.scatter_(1, torch.where(kept, tokens.clamp(min=0), self.V), True)
+        if self.index is not None:
+            self.index.extend(tokens[:, 1:], (keep - 1).clamp(min=0))
+            if prop.from_lookup is not None:
+                lk = prop.from_lookup & active
+                self.lookup_drafted += torch.where(lk, prop.n - 1, 0).double()
+                self.lookup_accepted += torch.where(lk, keep - 1, 0).clamp(min=0).double()
+        self.drafted += (prop.n - 1).clamp(min=0)
+        self.accepted += (keep - 1).clamp(min=0)
+        self.cache.lengths = self.cache.lengths + keep
+        self.n_gen = self.n_gen + keep
+        self.steps += active.long()
+        self.hist.scatter_add_(1, (keep - 1).clamp(min=0)[:, None], active.long()[:, None])
+        self.done |= self.n_gen >= self.max_new
+        return keep
+
+    # ------------------------------------------------------------ one step
+
+    def step(self, streamer):
+        active = ~self.done
+        prop = self.propose(active)
+        T = self.W if self.static else max(int(prop.n.max()), 1)
+        hidden = self.feed(prop, T)  # (B, T, heads, d)
+        rows = torch.arange(self.B, device=self.dev)
+        if self.strategy == "dynamo":  # every head at each row's last fed position
+            keep = prop.n
+            last = hidden[rows, (prop.n - 1).clamp(min=0)]  # (B, heads, d)
+            new_last = self.model.head_logits(last)
+        else:
+            head1 = self.model.head_logits(hidden[:, :, 0])  # (B, T, V)
+            keep = self.verify(prop, head1) if T > 1 else prop.n
+            at = (keep - 1).clamp(min=0)
+            new_last = head1[rows, at][:, None]
+            if self.heads > 1:  # heads 2..H only at the last kept position
+                new_last = torch.cat([new_last, self.model.head_logits(hidden[rows, at, 1:])], dim=1)
+        if self.strategy in ("speculative", "lookup") and T == 1:
+            self.residual = None
+        keep = self.commit(prop, keep, T, active)
+        self.last_logits = torch.where(active[:, None, None], new_last, self.last_logits)
+        if streamer is not None:
+            streamer.put([prop.tokens[b, :int(keep[b])].clone() if bool(active[b]) else prop.tokens[b, :0].clone()
+                          for b in range(self.B)])
+        # the one host sync of a step: stop check and NaN check together
+        bad = torch.isnan(new_last).flatten(1).any(1) & active
+        all_done, has_nan = torch.stack([self.done.all(), bad.any()]).tolist()
+        return bool(all_done), bool(has_nan)
 
 
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, strategy: str, max_new_tokens: int,
-             do_sample: bool, temperature: float, top_k: Optional[int], eos_token_id: Optional[list],
-             pad_token_id: int, generator: Optional[torch.Generator], streamer, dynamo: DynamoConfig,
-             stats, backend: str = "torch") -> GenerationOutput:
+             sampling: SamplingParams, eos_token_id: Optional[list], pad_token_id: int, streamer,
+             dynamo: DynamoConfig, stats, draft: Optional[DraftConfig] = None, lookup: Optional[LookupConfig] = None,
+             backend: str = "torch") -> GenerationOutput:
     """The loop. Inputs are already validated by ``sample``; shapes as there."""
     t0 = time.perf_counter()
-    if backend == "cuda":
-        from .kernels import cuda_dynamo_step as step_policy
-    else:
-        step_policy = dynamo_step
-    B, S = input_ids.shape
-    dev = input_ids.device
-    H = model.n_heads
-    heads = 1 if strategy == "ar" else H
-    V = model.vocab_size
-    mask = attention_mask.bool()
-    prompt_len = mask.sum(1)  # (B,)
-    cache = model.new_cache(B, max_len=int(prompt_len.max()) + max_new_tokens)
-    positions = torch.where(mask, mask.long().cumsum(1) - 1, -1)  # (B, S)
-    last_index = torch.full((B, 1), S - 1, dtype=torch.long, device=dev)
-    last_logits = model(input_ids, positions, cache, heads=heads, logits_index=last_index)[:, 0]  # (B, heads, V)
-    _check_logits(last_logits, 0)
-    cache.lengths = prompt_len.clone()
-
-    out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
-    n_gen = torch.zeros(B, dtype=torch.long, device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    steps = torch.zeros(B, dtype=torch.long, device=dev)
-    hist = torch.zeros(B, H, dtype=torch.long, device=dev)
-    drafted = torch.zeros(B, dtype=torch.long, device=dev)
-    accepted = torch.zeros(B, dtype=torch.long, device=dev)
-    eos = torch.tensor(eos_token_id or [], dtype=torch.long, device=dev)
-    seen = None
-    if strategy != "ar" and dynamo.repetition_penalty != 1.0:
-        seen = torch.zeros(B, V, dtype=torch.bool, device=dev)
-        seen[torch.arange(B, device=dev)[:, None].expand(B, S)[mask], input_ids[mask]] = True
-    residual = None  # speculative sampling: (B, V) draft mass to subtract from the next first token
-    ar_ = torch.arange(H, device=dev)
+    dec = _Decoder(model, input_ids, attention_mask.bool(), strategy=strategy, max_new_tokens=max_new_tokens,
+                   sampling=sampling, eos_token_id=eos_token_id, pad_token_id=pad_token_id, dynamo=dynamo,
+                   draft=draft or DraftConfig(), lookup=lookup or LookupConfig(), stats=stats, backend=backend)
+    if bool(torch.isnan(dec.last_logits).any()):
+        raise ValueError("the model returned NaN logits (step 0); expected finite values")
     step = 0
-    while not bool(done.all()):
+    while True:
         step += 1
-        active = ~done
-        remaining = max_new_tokens - n_gen
-        if strategy == "ar":
-            p1 = head_probs(last_logits[:, 0], do_sample, temperature, top_k)
-            tok = draw(p1, generator) if do_sample else p1.argmax(-1)
-            tokens = torch.full((B, H), -1, dtype=torch.long, device=dev)
-            tokens[:, 0] = tok
-            n = torch.ones(B, dtype=torch.long, device=dev)
-            pol = None
-        elif strategy == "dynamo":
-            pol = step_policy(last_logits, dynamo, stats=stats, do_sample=do_sample, temperature=temperature,
-                              top_k=top_k, generator=generator, seen_tokens=seen, max_tokens=remaining)
-            tokens, n = pol.tokens, pol.n
-        else:
-            p1 = head_probs(last_logits[:, 0], do_sample, temperature, top_k)
-            if residual is not None:
-                res = (p1 - residual).clamp(min=0)
-                mass = res.sum(-1, keepdim=True)
-                p1 = torch.where(mass > 0, res / mass.clamp(min=1e-30), p1)
-            first = draw(p1, generator) if do_sample else p1.argmax(-1)
-            pol = step_policy(last_logits, dynamo, stats=stats, do_sample=do_sample, temperature=temperature,
-                              top_k=top_k, generator=generator, seen_tokens=seen, first_tokens=first,
-                              max_tokens=remaining)
-            tokens, n = pol.tokens, pol.n
-        n = torch.where(active, n, 0)
-        T = int(n.max())
-        fed_valid = ar_[None, :T] < n[:, None]  # (B, T)
-        feed_ids = torch.where(fed_valid, tokens[:, :T], 0)
-        feed_pos = torch.where(fed_valid, cache.lengths[:, None] + ar_[None, :T], -1)
-        if strategy == "dynamo":  # only each row's last fed position is needed
-            logits = model(feed_ids, feed_pos, cache, heads=heads, logits_index=(n - 1).clamp(min=0)[:, None])
-            _check_logits(logits[active], step)  # (B, 1, heads, V)
-        else:
-            logits = model(feed_ids, feed_pos, cache, heads=heads)  # (B, T, heads, V)
-            _check_logits(logits[fed_valid], step)
-
-        if strategy == "speculative":
-            keep, residual = _verify(tokens, n, pol, logits, do_sample, temperature, top_k, generator, V)
-            drafted += (n - 1).clamp(min=0)
-            accepted += (keep - 1).clamp(min=0)
-        else:
-            keep = n
-        # stop at the first EOS among the kept tokens
-        kept_valid = ar_[None, :T] < keep[:, None]
-        if eos.numel():
-            is_eos = torch.isin(tokens[:, :T], eos) & kept_valid
-            has_eos = is_eos.any(-1)
-            keep = torch.where(has_eos, is_eos.float().argmax(-1) + 1, keep)
-            kept_valid = ar_[None, :T] < keep[:, None]
-            done |= has_eos
-        rows, cols = kept_valid.nonzero(as_tuple=True)
-        out[rows, n_gen[rows] + cols] = tokens[rows, cols]
-        if seen is not None:
-            seen[rows, tokens[rows, cols]] = True
-        if streamer is not None:
-            streamer.put([tokens[b, :int(keep[b])].clone() for b in range(B)])
-        last_index = torch.zeros_like(keep) if strategy == "dynamo" else (keep - 1).clamp(min=0)
-        last_logits = torch.where(active[:, None, None], logits[torch.arange(B, device=dev), last_index], last_logits)
-        cache.lengths = cache.lengths + keep
-        n_gen = n_gen + keep
-        steps += active.long()
-        hist[active, (keep - 1).clamp(min=0)[active]] += 1
-        done |= n_gen >= max_new_tokens
+        all_done, has_nan = dec.step(streamer)
+        if has_nan:
+            raise ValueError(f"the model returned NaN logits (step {step}); expected finite values")
+        if all_done:
+            break
     if streamer is not None:
         streamer.end()
-    sequences = torch.cat([input_ids, out], dim=1)
-    return GenerationOutput(sequences=sequences, steps=steps, new_tokens=n_gen,
-                            tokens_per_step=n_gen.float() / steps.clamp(min=1).float(), histogram=hist,
-                            drafted=drafted, accepted=accepted, wall_time=time.perf_counter() - t0)
-
-
-def _verify(tokens, n, pol: StepOutput, logits, do_sample, temperature, top_k, generator, V):
-    """Speculative verification. tokens (B, H) = [t1, d2..dn]; logits (B, T, H, V) of the forward
-    that fed them. Returns (keep (B,) tokens kept >= 1 for active rows, residual (B, V) or None).
-
-    Draft j (0-based, j >= 1) is checked against head 1 at fed index j-1. Greedy: exact match.
-    Sampling: accept with probability min(1, p(d)/q(d)); on the first rejection the draft
-    distribution q_j is returned as the residual to subtract from the next step's first token.
-    """
-    B, T = logits.shape[:2]
-    dev = logits.device
-    keep = n.clamp(max=1).clone()  # the first token is exact; inactive rows keep 0
-    alive = n >= 1  # still accepting
-    residual = torch.zeros(B, V, device=dev) if do_sample else None
-    for j in range(1, T):
-        check = alive & (n > j)
-        if not bool(check.any()):
-            break
-        p = head_probs(logits[:, j - 1, 0], do_sample, temperature, top_k)  # (B, V)
-        d = tokens[:, j].clamp(min=0)
-        if do_sample:
-            q = torch.zeros(B, V, device=dev).scatter_(1, pol.topk_ids[:, j], pol.draft_probs[:, j])
-            p_d, q_d = p.gather(1, d[:, None])[:, 0], q.gather(1, d[:, None])[:, 0]
-            u = torch.rand(B, generator=generator, device=dev, dtype=torch.float64)
-            ok = u * q_d.double() < p_d.double()
-            rejected = check & ~ok
-            residual = torch.where(rejected[:, None], q, residual)
-        else:
-            ok = p.argmax(-1) == d
-        ok = check & ok
-        keep += ok.long()
-        alive &= ok
-    if residual is not None and not bool(residual.any()):
-        residual = None
-    return keep, residual
+    sequences = torch.cat([input_ids, dec.out[:, :max_new_tokens]], dim=1)
+    return GenerationOutput(sequences=sequences, steps=dec.steps, new_tokens=dec.n_gen,
+                            tokens_per_step=dec.n_gen.float() / dec.steps.clamp(min=1).float(), histogram=dec.hist,
+                            drafted=dec.drafted, accepted=dec.accepted, wall_time=time.perf_counter() - t0)

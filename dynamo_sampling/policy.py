@@ -47,6 +47,9 @@ from typing import Optional
 
 import torch
 
+from .samplers import draw, head_probs
+from .samplers import exp1 as _exp1
+
 
 @dataclass
 class DynamoConfig:
@@ -96,37 +99,6 @@ class StepOutput:
     n: torch.Tensor
     topk_ids: torch.Tensor
     draft_probs: Optional[torch.Tensor] = None
-
-
-# ---------------------------------------------------------------- single-head sampling
-
-
-def head_probs(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: Optional[int]) -> torch.Tensor:
-    """Target distribution of the ordinary sampler. logits (B, V) -> probs (B, V) float32.
-
-    Greedy returns a one-hot at the argmax (first index on ties). Sampling applies temperature,
-    then keeps the ``top_k`` largest logits (ties at the boundary kept), then softmax.
-    """
-    logits = logits.float()
-    if not do_sample:
-        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.softmax(logits, dim=-1)
-
-
-def _exp1(shape, generator, device) -> torch.Tensor:
-    """Exp(1) noise in float64, never 0."""
-    return -torch.log1p(-torch.rand(shape, generator=generator, device=device, dtype=torch.float64))
-
-
-def draw(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """One draw per row, proportional to ``probs`` (..., N) -> (...) int64. No host sync:
-    argmax of ``probs / E`` with ``E ~ Exp(1)`` (zero-probability entries are never drawn)."""
-    score = probs.double() / _exp1(probs.shape, generator, probs.device)
-    return score.masked_fill(probs <= 0, -1.0).argmax(-1)
 
 
 # ---------------------------------------------------------------- candidates

@@ -13,8 +13,48 @@ import os
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def auto_dtype(device="cpu") -> torch.dtype:
+    """The inference dtype this hardware runs fastest, by the rule measured in benchmarks/bench_step.py:
+    bfloat16 on a GPU that supports it and on a CPU with native bf16 matmuls (``avx512_bf16`` or
+    ``amx_bf16``: a small model's decode step is bound by reading its weights, and bf16 halves that),
+    else float32 (without those units bf16 runs emulated and slower)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and _cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_dtype(dtype, device="cpu") -> torch.dtype:
+    """``"auto"`` / ``"float32"`` / ``"bfloat16"`` / a torch.dtype -> torch.dtype, checked."""
+    if dtype == "auto" or dtype is None:
+        return auto_dtype(device)
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16' (or the torch dtype), got {dtype!r}")
 
 
 def cache_dir() -> Path:
@@ -33,7 +73,7 @@ def build_stdlib_stats(tokenizer_path, vocab_size: int, max_order: int, root=Non
                                    tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_path), progress=progress)
 
 
-def load_pretrained(path: Optional[str] = None, device="cpu", with_stats: bool = True):
+def load_pretrained(path: Optional[str] = None, device="cpu", with_stats: bool = True, dtype="auto"):
     """Load the bundled MTP model offline.
 
     Parameters
@@ -41,6 +81,8 @@ def load_pretrained(path: Optional[str] = None, device="cpu", with_stats: bool =
     path : directory with config.json, model.safetensors, tokenizer.json (default: the bundled one).
     device : torch device for the model.
     with_stats : also return co-occurrence statistics (built and cached on first use).
+    dtype : "auto" (default: :func:`auto_dtype`, bf16 where the hardware runs it natively), "float32",
+        "bfloat16" or a torch dtype. Greedy tokens can differ between dtypes.
 
     Returns
     -------
@@ -54,7 +96,8 @@ def load_pretrained(path: Optional[str] = None, device="cpu", with_stats: bool =
     missing = [f for f in REQUIRED_FILES if not (root / f).is_file()]
     if missing:
         raise FileNotFoundError(f"pretrained model directory {root} lacks {missing}; expected {list(REQUIRED_FILES)}")
-    model = load_model(str(root), device=device)
+    dtype = resolve_dtype(dtype, device)
+    model = load_model(str(root), device=device, dtype=dtype)
     try:
         tokenizer = load_tokenizer(str(root / "tokenizer.json"))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON

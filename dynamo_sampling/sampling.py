@@ -6,9 +6,13 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .decoding import STRATEGIES, GenerationOutput, generate
+from .decoding import STRATEGIES, DraftConfig, GenerationOutput, generate
 from .kernels import resolve_backend
+from .lookup import LookupConfig
 from .policy import DynamoConfig, check_stats
+from .samplers import SamplingParams
+
+_CONFIGS = {"dynamo": DynamoConfig, "draft": DraftConfig, "lookup": LookupConfig}
 
 
 def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
@@ -17,7 +21,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
            eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
            generator: Optional[torch.Generator] = None, streamer=None,
            return_dict_in_generate: bool = False, stats=None, dynamo: Optional[DynamoConfig] = None,
-           backend: str = "auto", **dynamo_overrides) -> Union[torch.Tensor, GenerationOutput]:
+           draft: Optional[DraftConfig] = None, lookup: Optional[LookupConfig] = None,
+           backend: str = "auto", **overrides) -> Union[torch.Tensor, GenerationOutput]:
     """Generate with an MTP model, several tokens per forward pass.
 
     Parameters
@@ -27,8 +32,10 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
     input_ids : LongTensor, shape (B, S); prompts, left-padded when ragged.
     attention_mask : LongTensor or BoolTensor, shape (B, S), or None (all ones); 1 for prompt
         tokens, 0 for left padding.
-    strategy : ``"ar"`` (head 1, one token per step), ``"dynamo"`` (DynaMo, lossy) or
-        ``"speculative"`` (DynaMo drafts verified by head 1: output distributed exactly as ``ar``).
+    strategy : ``"ar"`` (head 1, one token per step), ``"dynamo"`` (DynaMo, lossy),
+        ``"speculative"`` (the heads' joint drafts, and prompt-lookup drafts where they promise more,
+        verified by head 1: output distributed exactly as ``ar``) or ``"lookup"`` (prompt-lookup
+        drafts only, no heads: the baseline for a model without MTP heads; also exact).
     max_new_tokens : int >= 1; every row stops after this many new tokens or an EOS.
     do_sample : greedy (False) or sampling (True).
     temperature : float > 0, used when sampling (default 0.7, as in DynaMo).
@@ -40,7 +47,10 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
         of B 1-D LongTensors holding each row's new tokens (possibly empty).
     return_dict_in_generate : return a :class:`GenerationOutput` with statistics.
     stats : co-occurrence statistics (``CooccurrenceStats``) or None (no weighting).
-    dynamo : DynamoConfig; ``**dynamo_overrides`` (e.g. ``eps_b=0.2``) replace its fields.
+    dynamo : DynamoConfig (the step policy); draft : DraftConfig (how speculative and lookup size
+        drafts); lookup : LookupConfig (prompt-lookup n-gram sizes and draft length).
+        ``**overrides`` (e.g. ``eps_b=0.2``, ``max_draft=6``, ``size_by="thresholds"``) replace the
+        fields of whichever of the three has that name.
     backend : ``"auto"`` (fused CUDA kernels for CUDA tensors when CuPy is importable, else the
         torch reference), ``"torch"`` or ``"cuda"``; the step policy's implementation.
 
@@ -101,15 +111,25 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
     if streamer is not None and not (hasattr(streamer, "put") and hasattr(streamer, "end")):
         raise TypeError(f"streamer must have put(tokens) and end() methods, got {type(streamer).__name__}")
     backend = resolve_backend(backend, input_ids)
-    unknown = set(dynamo_overrides) - {f.name for f in dataclasses.fields(DynamoConfig)}
+    given = {"dynamo": dynamo, "draft": draft, "lookup": lookup}
+    configs = {}
+    for name, cls in _CONFIGS.items():
+        cfg = given[name] if given[name] is not None else cls()
+        if not isinstance(cfg, cls):
+            raise TypeError(f"{name} must be a {cls.__name__}, got {type(cfg).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        configs[name] = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if k in fields})
+        configs[name].validate()
+    known = {f.name for cls in _CONFIGS.values() for f in dataclasses.fields(cls)}
+    unknown = set(overrides) - known
     if unknown:
         raise TypeError(f"sample() got unexpected keyword arguments {sorted(unknown)}; expected sample's "
-                        f"arguments or DynamoConfig fields {[f.name for f in dataclasses.fields(DynamoConfig)]}")
-    dynamo = dataclasses.replace(dynamo or DynamoConfig(), **dynamo_overrides)
-    dynamo.validate()
-    if strategy != "ar":
+                        f"arguments or fields of DynamoConfig, DraftConfig or LookupConfig {sorted(known)}")
+    dynamo = configs["dynamo"]
+    if strategy in ("dynamo", "speculative"):
         check_stats(stats if dynamo.alpha_c > 0 else None, V, model.n_heads)
-    out = generate(model, input_ids, mask, strategy=strategy, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                   temperature=temperature, top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                   generator=generator, streamer=streamer, dynamo=dynamo, stats=stats, backend=backend)
+    sampling = SamplingParams(do_sample=bool(do_sample), temperature=temperature, top_k=top_k, generator=generator)
+    out = generate(model, input_ids, mask, strategy=strategy, max_new_tokens=max_new_tokens, sampling=sampling,
+                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, streamer=streamer, dynamo=dynamo,
+                   draft=configs["draft"], lookup=configs["lookup"], stats=stats, backend=backend)
     return out if return_dict_in_generate else out.sequences

@@ -67,7 +67,10 @@ def add_asset_args(parser: argparse.ArgumentParser, tokenizer: bool = True, stat
         g.add_argument("--train-tokens", default=DEFAULT_TRAIN_TOKENS,
                        help="token stream (.npy) to build the statistics from when --stats is absent")
     g.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    g.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    g.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a small model decodes "
+                   "fastest on one, and far slower on two when another process busies a core)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="inference dtype (default auto: bf16 where the hardware runs it natively)")
     return parser
 
 
@@ -118,7 +121,10 @@ def load_assets(args: argparse.Namespace, need_tokenizer: bool = True, need_stat
         else:
             raise FileNotFoundError(f"no model: load_pretrained() has no bundled weights and {DEFAULT_MODEL_DIR} "
                                     f"does not exist; pass --model-dir DIR (or --random-model for development)")
-    model = model.to(args.device).eval()
+    from dynamo_sampling.pretrained import resolve_dtype
+    dtype = resolve_dtype(getattr(args, "dtype", "auto"), args.device)
+    model = model.to(device=args.device, dtype=dtype).eval()
+    info["dtype"] = str(dtype).replace("torch.", "")
     if need_tokenizer and tokenizer is None:
         tok_path = DEFAULT_TOKENIZER
         tokenizer = load_tokenizer(tok_path)

@@ -19,7 +19,10 @@ The model sees the last ``--prompt-tokens`` tokens of the file up to the cut; th
 file's text after it. Every row generates exactly ``--max-new-tokens`` tokens (no EOS stop, so every
 strategy does the same work); quality metrics use the completion cut at its first EOS.
 
-*Settings*: ``ar``; ``dynamo`` and ``speculative`` at every ``--eps-b`` value; the ``dynamo`` ablations
+*Settings*: ``ar``; ``dynamo`` at every ``--eps-b`` value; ``speculative`` (drafts sized by step cost,
+lookup drafts competing with the heads' joint), its variants ``no_lookup`` (joint drafts only) and
+``thresholds`` (DynaMo's thresholds size the drafts, at every ``--eps-b``); ``lookup`` (prompt-lookup
+decoding, no heads: the peer a user without heads picks); the ``dynamo`` ablations
 ``no_cooc`` (alpha_c = 0: no co-occurrence weighting or mask), ``no_adaptive`` (no Otsu threshold)
 and ``no_blur`` (Otsu without the blur) at every ``--ablation-eps-b`` value; each greedy and sampled
 (temperature ``--temperature``, top-k ``--top-k``). Greedy runs use the first seed only (they are
@@ -84,12 +87,17 @@ from dynamo_sampling.train.tokenizer import EOS_ID, decode, encode  # noqa: E402
 from evals import metrics  # noqa: E402
 from evals.assets import add_asset_args, load_assets, machine_info, machine_line  # noqa: E402
 
-STRATEGIES = ("ar", "dynamo", "speculative")
+STRATEGIES = ("ar", "dynamo", "speculative", "lookup")
 MODES = ("greedy", "sampled")
 ABLATIONS = {  # name -> DynamoConfig overrides; applied to the dynamo strategy
     "no_cooc": {"alpha_c": 0.0},
     "no_adaptive": {"adaptive_threshold": False},
     "no_blur": {"blur": False},
+}
+# speculative variants beside its default (drafts sized by cost, lookup drafts competing with the joint)
+SPEC_ABLATIONS = {
+    "no_lookup": {"hybrid": False},  # the heads' joint drafts only
+    "thresholds": {"size_by": "thresholds", "hybrid": False},  # DynaMo's thresholds size the drafts (eps_b sweep)
 }
 # Defaults of the full run and of --quick; an explicit flag wins over both.
 FULL = dict(n_prompts=16, seeds=[0, 1], eps_b=[0.0, 0.05, 0.1, 0.25, 1.0], ablation_eps_b=None,
@@ -223,19 +231,27 @@ class Setting:
         return "/".join([self.strategy] + ([self.ablation] if self.ablation != "none" else []) + [self.mode])
 
     def overrides(self) -> dict:
-        if self.strategy == "ar":
-            return {}
-        return {"eps_b": float(self.eps_b), **ABLATIONS.get(self.ablation, {})}
+        eps = {} if self.eps_b is None else {"eps_b": float(self.eps_b)}
+        extra = SPEC_ABLATIONS if self.strategy == "speculative" else ABLATIONS
+        return {**eps, **extra.get(self.ablation, {})}
 
 
-def build_settings(strategies, modes, eps_values, ablations, ablation_eps) -> List[Setting]:
+def build_settings(strategies, modes, eps_values, ablations, ablation_eps, spec_ablations=()) -> List[Setting]:
+    """ar; dynamo at every eps_b (+ its ablations); speculative (cost-sized, hybrid) and its
+    ablations (``thresholds`` at every eps_b); lookup."""
     out = []
     for mode in modes:
         out.append(Setting("ar", mode))
         for strategy in strategies:
-            if strategy == "ar":
-                continue
-            out += [Setting(strategy, mode, e) for e in eps_values]
+            if strategy == "dynamo":
+                out += [Setting(strategy, mode, e) for e in eps_values]
+            elif strategy == "speculative":
+                out.append(Setting(strategy, mode))
+                for abl in spec_ablations:
+                    out += [Setting(strategy, mode, e, abl) for e in eps_values] if abl == "thresholds" \
+                        else [Setting(strategy, mode, None, abl)]
+            elif strategy == "lookup":
+                out.append(Setting(strategy, mode))
         if "dynamo" in strategies:
             for abl in ablations:
                 out += [Setting("dynamo", mode, e, abl) for e in ablation_eps]
@@ -408,7 +424,9 @@ def aggregate(samples, timings, settings, n_heads: int) -> List[dict]:
                   if name == st.name and (ar.name, seed, b) in call_rate]
         speed = float(np.median(ratios)) if ratios else float("nan")
         steps = sum(s["steps"] for s in rows_s)
-        hist = np.sum([s["histogram"] for s in rows_s], axis=0) if rows_s else np.zeros(n_heads)
+        width = max([n_heads] + [len(s["histogram"]) for s in rows_s])  # ar: 1, lookup: 1 + draft length
+        hist = np.sum([np.pad(s["histogram"], (0, width - len(s["histogram"]))) for s in rows_s], axis=0) \
+            if rows_s else np.zeros(width)
         drafted = sum(s["drafted"] for s in rows_s)
         row = {
             "setting": st.name, "group": st.group, "strategy": st.strategy, "mode": st.mode,
@@ -433,6 +451,7 @@ def aggregate(samples, timings, settings, n_heads: int) -> List[dict]:
         total_steps = max(1, int(hist.sum()))
         for n in range(1, n_heads + 1):
             row[f"share_steps_n{n}"] = float(hist[n - 1]) / total_steps
+        row[f"share_steps_over_{n_heads}"] = float(hist[n_heads:].sum()) / total_steps
         rows.append(row)
     return rows
 
@@ -519,8 +538,14 @@ def write_plots(out: Path, rows, sq_rows, modes):
         for (m, g), rs in sorted(groups.items()):
             if m != mode:
                 continue
-            rs = sorted(rs, key=lambda r: r["eps_b"])
             label = g.rsplit("/", 1)[0]
+            if any(r["eps_b"] == "" for r in rs):  # no eps_b sweep (speculative, lookup): a level line
+                for ax, key in ((axes[0, c], "speedup"), (axes[1, c], "tokens_per_step")):
+                    ax.axhline(rs[0][key], label=label, linewidth=1.2,
+                               color={"lookup": "tab:brown"}.get(rs[0]["strategy"], "tab:red"),
+                               linestyle={"none": "-", "no_lookup": "--"}.get(rs[0]["ablation"], "-."))
+                continue
+            rs = sorted(rs, key=lambda r: r["eps_b"])
             for ax, key in ((axes[0, c], "speedup"), (axes[1, c], "tokens_per_step")):
                 ax.plot([r["eps_b"] for r in rs], [r[key] for r in rs], label=label, **_group_style(rs))
         axes[0, c].axhline(1.0, color="black", linewidth=0.8, linestyle=":", label="ar")
@@ -548,7 +573,7 @@ def write_plots(out: Path, rows, sq_rows, modes):
                 ax.plot([r["speedup"] for r in rs], [r[key] for r in rs], label=g.rsplit("/", 1)[0],
                         **_group_style(rs))
                 if key == "norm_win_rate":
-                    for r in rs:
+                    for r in (r for r in rs if r["eps_b"] != ""):
                         ax.annotate(f"{r['eps_b']:g}", (r["speedup"], r[key]), fontsize=6, alpha=0.6,
                                     xytext=(2, 2), textcoords="offset points")
             if ar is not None:
@@ -600,6 +625,8 @@ def parse_args(argv=None):
     g.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     g.add_argument("--eps-b", type=float, nargs="+", default=None, help=f"default {FULL['eps_b']} (quick {QUICK['eps_b']})")
     g.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS))
+    g.add_argument("--spec-ablations", nargs="*", default=list(SPEC_ABLATIONS), choices=list(SPEC_ABLATIONS),
+                   help="speculative variants beside the default (cost-sized drafts, lookup hybrid)")
     g.add_argument("--ablation-eps-b", type=float, nargs="+", default=None,
                    help="eps_b values for the ablations (default: --eps-b; quick " f"{QUICK['ablation_eps_b']})")
     g.add_argument("--seeds", type=int, nargs="+", default=None, help=f"default {FULL['seeds']} (quick {QUICK['seeds']})")
@@ -645,7 +672,8 @@ def main(argv=None) -> int:
         raise SystemExit("no prompts: the sources hold no def/class with a docstring or function body to cut")
     strategies = [s for s in args.strategies if s != "ar"]
     settings = build_settings(strategies, args.modes, args.eps_b,
-                              args.ablations if "dynamo" in strategies else [], args.ablation_eps_b)
+                              args.ablations if "dynamo" in strategies else [], args.ablation_eps_b,
+                              args.spec_ablations)
     print(f"[quality_vs_speed] {len(prompts)} prompts, {len(settings)} settings, seeds {args.seeds}, "
           f"max_new_tokens {args.max_new_tokens}, model {assets.info['model']}, H={H}", flush=True)
     samples, timings = run_generations(model, prompts, settings, args.seeds, args, stats, progress)
@@ -657,7 +685,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
-    header = {"model": assets.info["model"], "stats": assets.info.get("stats"), "machine": machine_line(machine),
+    header = {"model": assets.info["model"], "dtype": assets.info.get("dtype"), "stats": assets.info.get("stats"),
+              "machine": machine_line(machine), "threads": torch.get_num_threads(),
               "n_prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "seeds": args.seeds,
               "batch_size": args.batch_size, "temperature": args.temperature, "top_k": args.top_k,
               "elapsed_s": elapsed,

@@ -68,3 +68,81 @@ def test_config_round_trip_and_errors():
         TinyMTPConfig(n_layer=1)
     with pytest.raises(ValueError, match="unknown TinyMTPConfig fields"):
         TinyMTPConfig.from_dict({"vocab_size": 5, "bogus": 1})
+
+
+# ---------------------------------------------------------------- grouped fast path vs per-layer reference
+
+
+def _random_norms(model):
+    """Non-trivial LayerNorm affines and biases, so folding them into the linear layers is exercised."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, (torch.nn.LayerNorm, torch.nn.Linear)) and mod.bias is not None:
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.1)
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.copy_(1 + torch.randn(mod.weight.shape, generator=g) * 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def normed_model():
+    torch.manual_seed(1)
+    return _random_norms(TinyMTP(TinyMTPConfig(vocab_size=97, n_layer=3, n_heads=3, d_model=32, n_attn_heads=4,
+                                               d_ff=64, max_seq_len=64)).eval())
+
+
+def _feeds(model, reference, dtype=torch.float32):
+    """Full, incremental, ragged and rolled-back feeds through one cache; every output."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 97, (3, 16), generator=g)
+    outs = []
+    with torch.no_grad():
+        outs.append(model(ids, torch.arange(16).expand(3, 16), reference=reference))
+        cache = model.new_cache(3, 32, dtype=dtype)
+        prompt_pos = torch.tensor([[-1, -1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5], [-1, -1, -1, -1, 0, 1]])  # ragged
+        outs.append(model(ids[:, :6], prompt_pos, cache, reference=reference))
+        outs.append(model(ids[:, 6:9], torch.tensor([[4, 5, 6], [6, -1, -1], [2, 3, -1]]), cache, reference=reference))
+        # roll row 0 back to length 5 and row 1 to 6: overwrite those slots with other tokens
+        outs.append(model(ids[:, 9:11], torch.tensor([[5, 6], [6, 7], [4, -1]]), cache, heads=2, reference=reference))
+        outs.append(model(ids[:, 11:12], torch.tensor([[7], [8], [5]]), cache, heads=1, reference=reference,
+                          logits_index=torch.zeros(3, 1, dtype=torch.long)))
+    return outs
+
+
+def test_grouped_fast_path_equals_per_layer_reference(normed_model):
+    fast, ref = _feeds(normed_model, False), _feeds(normed_model, True)
+    for f, r in zip(fast, ref):
+        assert f.shape == r.shape
+        assert torch.allclose(f, r, atol=1e-5, rtol=1e-5), (f - r).abs().max()
+
+
+def test_grouped_fast_path_equals_reference_in_bf16(normed_model):
+    model = TinyMTP(normed_model.config)
+    model.load_state_dict(normed_model.state_dict())
+    model = model.to(torch.bfloat16).eval()
+    fast, ref = _feeds(model, False, torch.bfloat16), _feeds(model, True, torch.bfloat16)
+    for f, r in zip(fast, ref):
+        assert torch.allclose(f, r, atol=0.05 * r.abs().max().item()), (f - r).abs().max()
+
+
+def test_hidden_and_head_logits_give_the_logits(normed_model):
+    ids = torch.randint(0, 97, (2, 5))
+    pos = torch.arange(5).expand(2, 5)
+    with torch.no_grad():
+        hidden = normed_model(ids, pos, output_hidden=True)
+        assert hidden.shape == (2, 5, 3, 32)
+        assert torch.equal(normed_model.head_logits(hidden), normed_model(ids, pos))
+
+
+def test_fast_path_follows_weight_updates(normed_model):
+    model = TinyMTP(normed_model.config)
+    model.load_state_dict(normed_model.state_dict())
+    model.eval()
+    ids, pos = torch.randint(0, 97, (1, 4)), torch.arange(4)[None]
+    with torch.no_grad():
+        before = model(ids, pos)
+        model.head_layers[1].fc2.bias.add_(1.0)  # in place, as an optimiser step would
+        after, ref = model(ids, pos), model(ids, pos, reference=True)
+    assert not torch.allclose(before[:, :, 1], after[:, :, 1])
+    assert torch.allclose(after, ref, atol=1e-5)

@@ -7,6 +7,7 @@ from dynamo_sampling import TinyMTP, TinyMTPConfig, sample
 from toy_models import NaNModel, oracle_model, random_table_model
 
 V = 101
+FLAT = (1.0,)  # step_cost: feeding more tokens costs nothing, so every useful draft is fed (deterministic)
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +73,9 @@ def test_oracle_heads_emit_h_tokens_per_step(strategy, do_sample):
     model = oracle_model(V=16, H=3)
     start = torch.tensor([[3], [5]])
     out = sample(model, start, strategy=strategy, max_new_tokens=12, do_sample=do_sample, eps_b=0.5,
-                 generator=torch.Generator().manual_seed(0), return_dict_in_generate=True)
-    assert torch.equal(out.histogram, torch.tensor([[0, 0, 4], [0, 0, 4]]))
+                 step_cost=FLAT, generator=torch.Generator().manual_seed(0), return_dict_in_generate=True)
+    assert torch.equal(out.histogram[:, :3], torch.tensor([[0, 0, 4], [0, 0, 4]]))
+    assert out.histogram[:, 3:].sum() == 0
     # and the tokens are the sequence the model knows
     expect = [start[:, 0]]
     for _ in range(12):
@@ -85,7 +87,7 @@ def _pair_frequencies(model, strategy, n_draws, prompt_token, seed):
     counts = torch.zeros(model.vocab_size, model.vocab_size)
     ids = torch.full((n_draws, 1), prompt_token)
     out = sample(model, ids, strategy=strategy, max_new_tokens=2, do_sample=True, temperature=1.0, top_k=None,
-                 eps_b=0.0, generator=torch.Generator().manual_seed(seed), return_dict_in_generate=True)
+                 eps_b=0.0, step_cost=FLAT, generator=torch.Generator().manual_seed(seed), return_dict_in_generate=True)
     seq = out.sequences
     counts.index_put_((seq[:, 1], seq[:, 2]), torch.ones(n_draws), accumulate=True)
     return counts, out
@@ -111,7 +113,59 @@ def test_sampled_speculative_matches_ar_distribution():
     assert 0.5 * (ar_counts.double() / n - exact).abs().sum() < 0.02
 
 
-@pytest.mark.parametrize("strategy", ["ar", "dynamo", "speculative"])
+@pytest.mark.parametrize("strategy,options", [
+    ("speculative", dict(hybrid=False)),  # the heads' joint drafts only
+    ("speculative", dict()),  # hybrid: lookup drafts compete with the joint per row
+    ("lookup", dict()),
+    ("speculative", dict(step_cost=(1.0, 1.3, 1.6))),  # drafts cut short by the stopping rule
+])
+def test_sampled_drafting_strategies_match_ar_distribution_3_heads(strategy, options):
+    """Triples (x1, x2, x3) after a prompt that repeats its last token (so lookup drafts fire):
+    exact probability P[x0, x1] P[x1, x2] P[x2, x3] under head 1's bigram table. Three heads, so
+    the second draft token's conditional q(x3 | x2) matters. Every cell within 5 sd, TV < 0.03."""
+    model = random_table_model(V=5, H=3, seed=8)
+    P = torch.softmax(model.table[0], -1).double()
+    x0, n = 1, 80000
+    exact = P[x0][:, None, None] * P[:, :, None] * P[None]  # (V, V, V)
+    ids = torch.tensor([[x0, 3, x0, 2, 4, x0]]).expand(n, 6)
+    out = sample(model, ids, strategy=strategy, max_new_tokens=3, do_sample=True, temperature=1.0, top_k=None,
+                 eps_b=0.0, max_draft=2, generator=torch.Generator().manual_seed(4), return_dict_in_generate=True,
+                 **{"step_cost": FLAT, **options})
+    assert 0 < out.accepted.sum() < out.drafted.sum()
+    seq = out.sequences[:, 6:]
+    counts = torch.zeros(5, 5, 5, dtype=torch.float64).index_put_((seq[:, 0], seq[:, 1], seq[:, 2]),
+                                                                  torch.ones(n, dtype=torch.float64), accumulate=True)
+    freq = counts / n
+    sd = (exact * (1 - exact) / n).sqrt()
+    assert ((freq - exact).abs() <= 5 * sd + 1e-9).all(), (freq - exact).abs().max()
+    assert 0.5 * (freq - exact).abs().sum() < 0.03
+    assert counts[exact == 0].sum() == 0
+
+
+@pytest.mark.parametrize("strategy", ["lookup", "speculative"])
+def test_lookup_and_hybrid_greedy_equal_ar_on_ragged_batch(model, strategy):
+    ids, mask = ragged_batch(6, seed=21, min_len=8, max_len=30)
+    ids[:, -4:] = ids[:, -12:-8]  # repeated spans: lookup drafts fire
+    ar = sample(model, ids, mask, strategy="ar", max_new_tokens=20)
+    out = sample(model, ids, mask, strategy=strategy, max_new_tokens=20, return_dict_in_generate=True,
+                 step_cost=FLAT)
+    assert torch.equal(out.sequences, ar)
+    assert out.drafted.sum() > 0
+
+
+def test_draft_sizing_stops_where_a_token_is_not_worth_its_cost():
+    from dynamo_sampling.decoding import size_drafts
+    accept = torch.tensor([[0.9, 0.9, 0.9], [0.9, 0.05, 0.9], [0.0, 0.0, 0.0], [0.9, 0.9, 0.9]])
+    cost = torch.tensor([1.0, 1.1, 1.2, 1.3], dtype=torch.float64)
+    length, value = size_drafts(accept, torch.tensor([3, 3, 3, 1]), cost)
+    # row 1: token 2 adds 0.045 expected tokens for 9 % more cost: stop after token 1 even though token 3
+    # looks good (the rule never looks ahead: exactness when sampling); row 3 is capped at 1
+    assert length.tolist() == [3, 1, 0, 1]
+    assert torch.allclose(value[0], torch.tensor(1 + 0.9 + 0.81 + 0.729, dtype=torch.float64) / 1.3)
+    assert torch.allclose(value[2], torch.tensor(1.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("strategy", ["ar", "dynamo", "speculative", "lookup"])
 def test_zero_probability_tokens_never_drawn(strategy):
     """Token 0 has probability 0 under every head; each token's successor +1 has probability 0
     under head 1, which binds ar and speculative (exact) but not the lossy dynamo n-grams."""
@@ -126,7 +180,7 @@ def test_zero_probability_tokens_never_drawn(strategy):
         assert not (seq[:, 1:] == forbidden).any()
 
 
-@pytest.mark.parametrize("strategy", ["ar", "dynamo", "speculative"])
+@pytest.mark.parametrize("strategy", ["ar", "dynamo", "speculative", "lookup"])
 def test_same_seed_same_tokens(strategy):
     torch.manual_seed(1)  # default init: near-uniform heads, so different seeds must differ
     model = TinyMTP(TinyMTPConfig(vocab_size=V, n_layer=2, n_heads=3, d_model=32, n_attn_heads=4, d_ff=64,
@@ -178,7 +232,8 @@ def test_statistics_fields(model):
     out = sample(model, ids, mask, strategy="speculative", max_new_tokens=15, eps_b=0.0, return_dict_in_generate=True)
     assert torch.equal(out.new_tokens, torch.tensor([15, 15]))
     assert torch.equal(out.histogram.sum(1), out.steps)
-    assert torch.equal((out.histogram * torch.arange(1, 4)).sum(1), out.new_tokens)
+    assert torch.equal((out.histogram * torch.arange(1, out.histogram.shape[1] + 1)).sum(1), out.new_tokens)
+    assert torch.equal(out.new_tokens - out.steps, out.accepted)  # every token beyond a step's first was a draft
     assert torch.allclose(out.tokens_per_step, out.new_tokens / out.steps)
     assert out.wall_time > 0
 
@@ -206,6 +261,10 @@ def test_errors(model):
         (dict(generator=3), TypeError, "generator must be a torch.Generator"),
         (dict(streamer=object()), TypeError, "streamer must have put"),
         (dict(eps=0.1), TypeError, r"sample\(\) got unexpected keyword arguments \['eps'\]"),
+        (dict(size_by="always"), ValueError, "size_by must be 'cost' or 'thresholds', got 'always'"),
+        (dict(step_cost=(1.0, 0.0)), ValueError, "step_cost must be a non-empty sequence of positive costs"),
+        (dict(max_draft=0), ValueError, "max_draft must be >= 1, got 0"),
+        (dict(draft=3), TypeError, "draft must be a DraftConfig, got int"),
         (dict(backend="metal"), ValueError, "unknown backend 'metal'; choose one of 'auto', 'torch', 'cuda'"),
         (dict(backend="cuda"), ValueError, "backend='cuda' runs fused CUDA kernels and needs CUDA tensors, got a tensor on 'cpu'"),
     ]
@@ -226,7 +285,7 @@ def test_stats_of_other_vocabulary_rejected(model):
         sample(model, torch.tensor([[1, 2]]), stats=Stats())
 
 
-@pytest.mark.parametrize("strategy", ["ar", "dynamo", "speculative"])
+@pytest.mark.parametrize("strategy", ["ar", "dynamo", "speculative", "lookup"])
 def test_nan_logits_raise(strategy):
     model = NaNModel(torch.zeros(2, 5, 5))
     with pytest.raises(ValueError, match="the model returned NaN logits"):

@@ -104,7 +104,7 @@ def test_bundled_model_loads_offline_and_reproduces_recorded_completion():
     from dynamo_sampling import sample
 
     record = json.loads((PRETRAINED_DIR / "recorded.json").read_text())
-    model, tok, _ = load_pretrained(with_stats=False)
+    model, tok, _ = load_pretrained(with_stats=False, dtype="float32")  # recorded in fp32
     ids = torch.tensor([tok.encode(record["prompt"]).ids])
     for strategy in ("ar", "speculative"):
         out = sample(model, ids, strategy=strategy, max_new_tokens=record["max_new_tokens"])

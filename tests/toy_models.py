@@ -20,11 +20,14 @@ class TableMTP(torch.nn.Module):
     def new_cache(self, batch_size, max_len=None, dtype=None, device=None):
         return KVCache(0, batch_size, 1, max_len or self.max_seq_len, 1, torch.float32, self.table.device)
 
-    def forward(self, input_ids, positions, cache=None, heads=None, logits_index=None):
+    def forward(self, input_ids, positions, cache=None, heads=None, logits_index=None, output_hidden=False):
         heads = heads or self.n_heads
         if logits_index is not None:
             input_ids = input_ids.gather(1, logits_index)
-        return self.table[:heads, input_ids].permute(1, 2, 0, 3)  # (B, T, heads, V)
+        return self.table[:heads, input_ids].permute(1, 2, 0, 3)  # (B, T, heads, V): the "hidden" is the logits
+
+    def head_logits(self, hidden):
+        return hidden.float()
 
 
 def oracle_model(V: int = 16, H: int = 3, seed: int = 0) -> TableMTP:

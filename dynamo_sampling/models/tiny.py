@@ -16,10 +16,19 @@ read before that because slots > q are masked.
 Protocol shared by every model in ``dynamo_sampling.models``::
 
     forward(input_ids [B, T], positions [B, T], cache, heads=H) -> logits [B, T, heads, V]
+    forward(..., output_hidden=True) -> hidden [B, T, heads, d];  head_logits(hidden [..., d]) -> [..., V]
 
 ``positions < 0`` marks padding: those tokens are neither written to the cache nor attended to,
 and their logits are garbage. ``heads=1`` runs head 1 only (the autoregressive baseline must not
 pay for heads it does not use); a cache filled with ``heads=1`` holds no keys for heads 2..H.
+``output_hidden`` + ``head_logits`` let the decoder unembed only the rows it uses (the unembedding
+is the largest matmul of a small model).
+
+Two implementations of the forward (DESIGN "What a step costs"): the per-layer :class:`Block`
+modules (the reference, and what training differentiates through) and, for inference, the
+grouped path: per forward one :class:`FeedPlan` (rotary tables, mask, cache slots) shared by every
+layer; heads 1..H, which all read the stem output, run as one :func:`grouped_block` on stacked
+weights with the LayerNorm affines folded in; no host sync on an accelerator. Tests compare the two.
 """
 from __future__ import annotations
 
@@ -72,13 +81,15 @@ class TinyMTPConfig:
 class KVCache:
     """Preallocated, position-addressed keys and values for ``n_attn_layers`` attention layers.
 
-    Shapes: ``k``/``v`` are ``(n_attn_layers, B, n_attn_heads, max_len, head_dim)``. Slot ``p`` of
-    row ``b`` holds the token at position ``p``. ``lengths`` (B,) int64 is bookkeeping for the
-    decoder (how many positions of each row are valid); the model itself only reads positions.
+    Shapes: ``k``/``v`` are ``(n_attn_layers, B, n_attn_heads, max_len + 1, head_dim)``. Slot ``p`` of
+    row ``b`` holds the token at position ``p``; the extra last slot is where padding tokens write (so
+    a feed never needs to find its real tokens with a host sync), and it is never read. ``lengths``
+    (B,) int64 is bookkeeping for the decoder (how many positions of each row are valid); the model
+    itself only reads positions.
     """
 
     def __init__(self, n_attn_layers, batch_size, n_attn_heads, max_len, head_dim, dtype, device):
-        shape = (n_attn_layers, batch_size, n_attn_heads, max_len, head_dim)
+        shape = (n_attn_layers, batch_size, n_attn_heads, max_len + 1, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -97,13 +108,56 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, base: float):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, nh, T, hd); rotate the two halves (GPT-NeoX convention)."""
+    """x (..., T, hd); cos/sin broadcast to (..., T, hd/2); rotate the two halves (GPT-NeoX convention)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+class FeedPlan:
+    """What every attention layer of one forward shares, computed once per forward.
+
+    positions : (B, T) int64, -1 for padding.
+    rope : (cos, sin), each (B, 1, T, head_dim/2) float32.
+    mask : (B, 1, T, S) bool; query t may read key s. With a cache the keys are slots ``0..S-1``
+        (a query at position q reads slots ``<= q``); without one they are the fed tokens themselves.
+    write_index : (B, T) int64 or None; the cache slot of each fed token (padding -> the spare slot).
+    n_slots : S, the key slots read from the cache. On a CPU it is ``max(positions) + 1`` (reading a
+        CPU tensor is no device sync); on an accelerator it is the cache's whole length, so a step's
+        shapes never depend on data (what a CUDA graph needs).
+    """
+
+    def __init__(self, positions: torch.Tensor, head_dim: int, rope_base: float, cache: Optional[KVCache]):
+        B, T = positions.shape
+        self.positions = positions
+        self.rope = rotary_tables(positions, head_dim, rope_base)
+        valid = positions >= 0
+        q_pos = torch.where(valid, positions, 0)
+        if cache is None:
+            self.write_index, self.n_slots = None, T
+            key_pos = torch.where(valid, positions, torch.iinfo(torch.long).max)  # (B, T)
+            # padding queries attend anything: their output is discarded, and an all-masked row is NaN
+            self.mask = (key_pos[:, None, None, :] <= q_pos[:, None, :, None]) | ~valid[:, None, :, None]
+        else:
+            if positions.device.type == "cpu":
+                self.n_slots = max(int(positions.max()) + 1, 1)
+            else:
+                self.n_slots = cache.max_len
+            self.write_index = torch.where(valid, positions, cache.max_len)  # spare slot for padding
+            key_pos = torch.arange(self.n_slots, device=positions.device)
+            self.mask = key_pos[None, None, None, :] <= q_pos[:, None, :, None]  # (B, 1, T, S)
+        self._grouped = {}
+
+    def grouped(self, g: int):
+        """(mask (g*B, 1, T, S), write_index (g*B, T) or None) for g layers folded into the batch."""
+        if g not in self._grouped:
+            rep = lambda t: None if t is None else t.repeat(g, *([1] * (t.dim() - 1)))  # noqa: E731
+            self._grouped[g] = (rep(self.mask), rep(self.write_index))
+        return self._grouped[g]
+
+
 class Block(nn.Module):
-    """Pre-LN decoder layer: x + attn(ln1(x)); x + mlp(ln2(x))."""
+    """Pre-LN decoder layer: x + attn(ln1(x)); x + mlp(ln2(x)). Its ``forward`` is the per-layer
+    reference (and the training path); inference runs :func:`grouped_block` on stacked weights."""
 
     def __init__(self, cfg: TinyMTPConfig):
         super().__init__()
@@ -130,7 +184,7 @@ class Block(nn.Module):
             n_slots = int(positions.max().item()) + 1 if valid.any() else 1
             b_idx, t_idx = valid.nonzero(as_tuple=True)
             p_idx = positions[b_idx, t_idx]
-            ck, cv = cache.k[layer], cache.v[layer]  # (B, nh, max_len, hd)
+            ck, cv = cache.k[layer], cache.v[layer]  # (B, nh, max_len + 1, hd)
             ck[b_idx, :, p_idx] = k[b_idx, :, t_idx].to(ck.dtype)
             cv[b_idx, :, p_idx] = v[b_idx, :, t_idx].to(cv.dtype)
             keys, values = ck[:, :, :n_slots].to(q.dtype), cv[:, :, :n_slots].to(q.dtype)
@@ -143,6 +197,82 @@ class Block(nn.Module):
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, nh, T, hd)
         x = x + self.proj(attn.transpose(1, 2).reshape(B, T, -1))
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+@dataclass
+class GroupWeights:
+    """Inference weights of g decoder layers that read the same input, stacked on a leading axis.
+
+    The LayerNorm affines are folded into the next linear layer (``W ln(x) * gamma + beta`` =
+    ``(W * gamma) ln(x) + (W beta + b)``), so the norms are plain normalisations. All g layers' qkv
+    projections are one matmul, since they read the same input.
+    """
+
+    qkv_w: torch.Tensor  # (g * 3d, d)
+    qkv_b: torch.Tensor  # (g * 3d,)
+    proj_w: torch.Tensor  # (g, d, d), laid out (in, out) for bmm
+    proj_b: torch.Tensor  # (g, 1, d)
+    fc1_w: torch.Tensor  # (g, d, d_ff)
+    fc1_b: torch.Tensor  # (g, 1, d_ff)
+    fc2_w: torch.Tensor  # (g, d_ff, d)
+    fc2_b: torch.Tensor  # (g, 1, d)
+
+    @classmethod
+    def stack(cls, blocks) -> "GroupWeights":
+        def fold(lin: nn.Linear, ln: nn.LayerNorm):
+            w, b = lin.weight.float(), lin.bias.float()
+            return w * ln.weight.float()[None, :], b + w @ ln.bias.float()
+
+        dtype = blocks[0].qkv.weight.dtype
+        qkv = [fold(b.qkv, b.ln1) for b in blocks]
+        fc1 = [fold(b.fc1, b.ln2) for b in blocks]
+        cast = lambda ts: torch.stack(ts).to(dtype).contiguous()  # noqa: E731
+        return cls(qkv_w=torch.cat([w for w, _ in qkv]).to(dtype).contiguous(),
+                   qkv_b=torch.cat([b for _, b in qkv]).to(dtype).contiguous(),
+                   proj_w=cast([b.proj.weight.float().t() for b in blocks]),
+                   proj_b=cast([b.proj.bias.float()[None] for b in blocks]),
+                   fc1_w=cast([w.t() for w, _ in fc1]), fc1_b=cast([b[None] for _, b in fc1]),
+                   fc2_w=cast([b.fc2.weight.float().t() for b in blocks]),
+                   fc2_b=cast([b.fc2.bias.float()[None] for b in blocks]))
+
+    def leading(self, g: int) -> "GroupWeights":
+        """The first g layers of the group (views, no copy)."""
+        d3 = self.qkv_w.shape[0] // self.proj_w.shape[0]
+        return GroupWeights(self.qkv_w[:g * d3], self.qkv_b[:g * d3], self.proj_w[:g], self.proj_b[:g],
+                            self.fc1_w[:g], self.fc1_b[:g], self.fc2_w[:g], self.fc2_b[:g])
+
+
+def grouped_block(x: torch.Tensor, w: GroupWeights, plan: FeedPlan, cache: Optional[KVCache], first_layer: int,
+                  cfg: TinyMTPConfig) -> torch.Tensor:
+    """g decoder layers on one shared input, as one op per stage. x (B, T, d) -> (g, B, T, d).
+
+    Layer i of the group uses cache layer ``first_layer + i``; the g layers are folded into the batch
+    for attention (the cache slices of consecutive layers are one contiguous ``(g*B, ...)`` view)."""
+    B, T, d = x.shape
+    g = w.proj_w.shape[0]
+    nh, hd = cfg.n_attn_heads, cfg.head_dim
+    xn = F.layer_norm(x, (d,), eps=cfg.norm_eps)
+    qkv = F.linear(xn, w.qkv_w, w.qkv_b).view(B, T, g, 3, nh, hd).permute(3, 2, 0, 4, 1, 5)  # (3, g, B, nh, T, hd)
+    cos, sin = plan.rope  # (B, 1, T, hd/2) broadcasts over (g, B, nh, T, hd/2)
+    q = apply_rotary(qkv[0], cos, sin).reshape(g * B, nh, T, hd)
+    k = apply_rotary(qkv[1], cos, sin).reshape(g * B, nh, T, hd)
+    v = qkv[2].reshape(g * B, nh, T, hd)
+    mask, write_index = plan.grouped(g)
+    if cache is None:
+        keys, values = k, v
+    else:
+        S1 = cache.max_len + 1
+        ck = cache.k[first_layer:first_layer + g].view(g * B, nh, S1, hd)
+        cv = cache.v[first_layer:first_layer + g].view(g * B, nh, S1, hd)
+        idx = write_index[:, None, :, None].expand(g * B, nh, T, hd)
+        ck.scatter_(2, idx, k.to(ck.dtype))
+        cv.scatter_(2, idx, v.to(cv.dtype))
+        keys, values = ck[:, :, :plan.n_slots].to(q.dtype), cv[:, :, :plan.n_slots].to(q.dtype)
+    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (g*B, nh, T, hd)
+    attn = attn.view(g, B, nh, T, hd).permute(0, 1, 3, 2, 4).reshape(g, B * T, d)
+    h = x.reshape(1, B * T, d) + torch.baddbmm(w.proj_b, attn, w.proj_w)  # (g, B*T, d)
+    ff = F.gelu(torch.baddbmm(w.fc1_b, F.layer_norm(h, (d,), eps=cfg.norm_eps), w.fc1_w))
+    return (h + torch.baddbmm(w.fc2_b, ff, w.fc2_w)).view(g, B, T, d)
 
 
 class TinyMTP(nn.Module):
@@ -160,6 +290,7 @@ class TinyMTP(nn.Module):
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight
         self.apply(self._init)
+        self._inference = None  # (key, stem GroupWeights list, heads GroupWeights, head norm w, b)
 
     @staticmethod
     def _init(m):
@@ -190,10 +321,11 @@ class TinyMTP(nn.Module):
         return KVCache(n_attn_layers, batch_size, self.config.n_attn_heads, max_len, self.config.head_dim,
                        dtype or p.dtype, device or p.device)
 
+    # ------------------------------------------------------------ reference path (training, tests)
+
     def stem_forward(self, input_ids, positions, cache=None):
         """input_ids, positions (B, T) -> (h_stem (B, T, d), rope). Shared by forward and training."""
-        if positions.numel() and int(positions.max()) >= self.config.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} is beyond the model's context {self.config.max_seq_len}")
+        self._check_positions(positions)
         rope = rotary_tables(positions, self.config.head_dim, self.config.rope_base)
         x = self.embed(input_ids)
         for i, block in enumerate(self.stem):
@@ -205,8 +337,50 @@ class TinyMTP(nn.Module):
         x = self.head_layers[head](h_stem, rope, positions, cache, len(self.stem) + head)
         return self.head_norms[head](x)
 
+    def _reference_hidden(self, input_ids, positions, cache, heads):
+        h_stem, rope = self.stem_forward(input_ids, positions, cache)
+        return torch.stack([self.head_hidden(h_stem, rope, positions, h, cache) for h in range(heads)], dim=2)
+
+    # ------------------------------------------------------------ fast path (inference)
+
+    def _check_positions(self, positions):
+        if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= self.config.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} is beyond the model's context {self.config.max_seq_len}")
+
+    def inference_weights(self):
+        """Stacked, norm-folded weights for :func:`grouped_block`, rebuilt when any parameter changes
+        (in place, by ``load_state_dict``, an optimiser step, or ``.to()``)."""
+        params = list(self.parameters())
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        if self._inference is None or self._inference[0] != key:
+            with torch.no_grad():
+                stem = [GroupWeights.stack([b]) for b in self.stem]
+                heads = GroupWeights.stack(list(self.head_layers))
+                norm_w = torch.stack([n.weight for n in self.head_norms])[:, None, None, :]  # (H, 1, 1, d)
+                norm_b = torch.stack([n.bias for n in self.head_norms])[:, None, None, :]
+            self._inference = (key, stem, heads, norm_w, norm_b)
+        return self._inference[1:]
+
+    def _fast_hidden(self, input_ids, positions, cache, heads):
+        self._check_positions(positions)
+        cfg = self.config
+        stem, head_w, norm_w, norm_b = self.inference_weights()
+        plan = FeedPlan(positions, cfg.head_dim, cfg.rope_base, cache)
+        x = self.embed(input_ids)
+        for i, w in enumerate(stem):
+            x = grouped_block(x, w, plan, cache, i, cfg)[0]
+        hs = grouped_block(x, head_w.leading(heads), plan, cache, len(stem), cfg)  # (heads, B, T, d)
+        hs = F.layer_norm(hs, (cfg.d_model,), eps=cfg.norm_eps) * norm_w[:heads] + norm_b[:heads]
+        return hs.permute(1, 2, 0, 3)  # (B, T, heads, d)
+
+    # ------------------------------------------------------------ the protocol
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The shared unembedding: normed hidden (..., d) -> float32 logits (..., V)."""
+        return F.linear(hidden, self.unembed.weight).float()
+
     def forward(self, input_ids, positions, cache: Optional[KVCache] = None, heads: Optional[int] = None,
-                logits_index: Optional[torch.Tensor] = None):
+                logits_index: Optional[torch.Tensor] = None, output_hidden: bool = False, reference: bool = False):
         """Run the model.
 
         Parameters
@@ -215,22 +389,24 @@ class TinyMTP(nn.Module):
         positions : LongTensor, shape (B, T); position of each token in its row, -1 for padding.
         cache : KVCache or None. None runs a full causal forward over these tokens only.
         heads : int, 1..H (default H): compute heads 1..heads.
-        logits_index : LongTensor (B, T') or None: compute logits only at these indices into T
+        logits_index : LongTensor (B, T') or None: compute outputs only at these indices into T
             (e.g. each row's last real token), to skip the unembedding elsewhere.
+        output_hidden : return the heads' normed hidden states (B, T or T', heads, d) in the model's
+            dtype instead of logits; :meth:`head_logits` unembeds the rows a caller needs.
+        reference : run the per-layer reference path (the one training differentiates through);
+            by default inference (no autograd) runs the grouped fast path.
 
         Returns
         -------
-        logits : float32 tensor, shape (B, T or T', heads, V)
+        logits : float32 tensor, shape (B, T or T', heads, V) (or the hidden states, see above)
         """
         heads = self.config.n_heads if heads is None else heads
         if not 1 <= heads <= self.config.n_heads:
             raise ValueError(f"heads must be in 1..{self.config.n_heads}, got {heads}")
-        h_stem, rope = self.stem_forward(input_ids, positions, cache)
-        hiddens = []
-        for h in range(heads):
-            hidden = self.head_hidden(h_stem, rope, positions, h, cache)  # (B, T, d)
-            if logits_index is not None:
-                hidden = hidden.gather(1, logits_index[..., None].expand(-1, -1, hidden.shape[-1]))
-            hiddens.append(hidden)
-        # one matmul for all heads: the (V, d) unembedding is read once, not once per head
-        return self.unembed(torch.stack(hiddens, dim=2)).float()  # (B, T, heads, V)
+        if reference or torch.is_grad_enabled():
+            hidden = self._reference_hidden(input_ids, positions, cache, heads)
+        else:
+            hidden = self._fast_hidden(input_ids, positions, cache, heads)  # (B, T, heads, d)
+        if logits_index is not None:
+            hidden = hidden.gather(1, logits_index[:, :, None, None].expand(-1, -1, *hidden.shape[2:]))
+        return hidden if output_hidden else self.head_logits(hidden)

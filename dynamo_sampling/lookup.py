@@ -1,0 +1,230 @@
+"""Per-row n-gram index for prompt-lookup drafting (no heads, no training).
+
+Prompt lookup drafts the tokens that followed the most recent earlier occurrence of the row's
+current suffix n-gram in its own tokens so far (prompt + emitted output); one forward of head 1
+then verifies the draft. Used by the ``lookup`` strategy of ``dynamo_sampling/decoding.py`` and by
+the speculative hybrid drafter, where the lookup draft competes with (or is merged into) the
+heads' joint draft.
+
+Semantics, per row with tokens ``t[0..L-1]``: for ``n`` from ``max_ngram`` down to ``min_ngram``,
+take the suffix ``t[L-n:L]``; if it occurs at an earlier start ``p < L-n``, the draft is
+``t[p+n : p+n+max_draft]`` for the largest such ``p`` (it stops at the end of the row and may
+overlap the suffix). The first ``n`` with a match wins; no match gives an empty draft.
+
+:class:`NgramIndex` keeps, per row, a dict from every n-gram (a tuple of ``n`` ints,
+``min_ngram <= n <= max_ngram``) to the start of its latest occurrence that has at least one
+token after it. That is exactly the set of occurrences other than the suffix itself, so a lookup
+is ``max_ngram - min_ngram + 1`` dict probes, and :meth:`NgramIndex.extend` costs
+``O(appended tokens * n-gram sizes)``, independent of the row's length. Everything lives on the
+host: the loop brings the committed tokens back once per step anyway. :func:`brute_force_drafts`
+is the plain scan with the same semantics, kept beside it for the tests.
+
+Use in a step (the first token is drawn exactly from head 1 and always kept, so it is committed
+before drafting)::
+
+    index = NgramIndex(input_ids, attention_mask, LookupConfig())
+    ...
+    index.extend(first[:, None], active.long())        # finished rows append nothing
+    draft, draft_len = index.propose(max_len=remaining - 1)
+    ... verify [first, draft] ...; keep (B,) tokens kept, first included
+    index.extend(tokens[:, 1:], (keep - 1).clamp(min=0))
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = ["LookupConfig", "NgramIndex", "brute_force_drafts"]
+
+
+@dataclass
+class LookupConfig:
+    """Prompt-lookup drafting settings."""
+
+    max_ngram: int = 3  # the longest suffix tried first: longer matches are more often right
+    min_ngram: int = 1  # back off down to this size; 1 drafts after any repeated token
+    max_draft: int = 8  # draft tokens per row and step (D); the verify forward feeds 1 + D
+
+    def validate(self):
+        if self.min_ngram < 1:
+            raise ValueError(f"min_ngram must be >= 1, got {self.min_ngram}")
+        if self.max_ngram < self.min_ngram:
+            raise ValueError(f"max_ngram must be >= min_ngram ({self.min_ngram}), got {self.max_ngram}")
+        if self.max_draft < 1:
+            raise ValueError(f"max_draft must be >= 1, got {self.max_draft}")
+
+
+# Appends up to this many tokens take the per-token loop (cheapest for one step's few tokens);
+# longer ones (prompts) the dict.update path (~3x faster per token there). Same index either way.
+_FEW = 16
+
+RowTokens = Union[torch.Tensor, Sequence[int]]
+
+
+class NgramIndex:
+    """The rows' tokens so far and, per row, the latest earlier start of every n-gram.
+
+    Parameters
+    ----------
+    input_ids : LongTensor (B, S)
+        Prompts, left-padded.
+    attention_mask : Tensor (B, S)
+        1 on prompt tokens, 0 on padding; a row's tokens are its ``input_ids`` where the mask is 1,
+        in order. Any device; read once.
+    cfg : LookupConfig
+        Validated here.
+    """
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: LookupConfig):
+        cfg.validate()
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be 2-D (B, S), got shape {tuple(input_ids.shape)}")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        self.cfg = cfg
+        self.batch_size = input_ids.shape[0]
+        self._sizes = range(cfg.min_ngram, cfg.max_ngram + 1)
+        self._tokens: List[List[int]] = [[] for _ in range(self.batch_size)]
+        self._last: List[Dict[Tuple[int, ...], int]] = [{} for _ in range(self.batch_size)]
+        ids, mask = input_ids.tolist(), attention_mask.bool().tolist()
+        for b in range(self.batch_size):
+            self._append(b, [t for t, m in zip(ids[b], mask[b]) if m])
+
+    def _append(self, b: int, new: List[int]):
+        tokens, last = self._tokens[b], self._last[b]
+        if len(new) <= _FEW:
+            for tok in new:
+                i = len(tokens)  # the n-grams ending at i-1 get a follower: they become lookup targets
+                for n in self._sizes:
+                    if n > i:
+                        break
+                    last[tuple(tokens[i - n:i])] = i - n
+                tokens.append(tok)
+            return
+        old_len = len(tokens)  # bulk path (prompts): the same inserts, done by dict.update
+        tokens.extend(new)
+        for n in self._sizes:
+            # starts s whose n-gram just got its first follower: s + n in [old_len, len - 1]
+            lo, hi = max(old_len - n, 0), len(tokens) - n
+            if hi > lo:  # in increasing s, so the latest start of a repeated n-gram wins
+                last.update(zip(zip(*[tokens[lo + j:hi + j] for j in range(n)]), range(lo, hi)))
+
+    def extend(self, tokens: Union[torch.Tensor, Sequence[RowTokens]], counts: Optional[torch.Tensor] = None):
+        """Append each row's newly committed tokens and index them.
+
+        Parameters
+        ----------
+        tokens : sequence of B rows, or LongTensor (B, T)
+            Either one 1-D LongTensor or list of ints per row (possibly empty), or a 2-D tensor
+            of which row ``b`` contributes ``tokens[b, :counts[b]]`` (one host copy for the batch).
+        counts : LongTensor (B,), optional
+            Required with a 2-D ``tokens`` tensor, each in ``0..T``; not allowed otherwise.
+        """
+        B = self.batch_size
+        if isinstance(tokens, torch.Tensor):
+            if tokens.dim() != 2 or tokens.shape[0] != B:
+                raise ValueError(f"extend: a tensor of tokens must be (B={B}, T), got shape {tuple(tokens.shape)}")
+            if counts is None or counts.shape != (B,):
+                got = None if counts is None else tuple(counts.shape)
+                raise ValueError(f"extend: counts must be (B={B},) with a tensor of tokens, got {got}")
+            T = tokens.shape[1]
+            counts_list = counts.tolist()
+            if any(c < 0 or c > T for c in counts_list):
+                raise ValueError(f"extend: counts must be in [0, {T}], got {counts_list}")
+            rows = [row[:c] for row, c in zip(tokens.tolist(), counts_list)]
+        else:
+            if counts is not None:
+                raise ValueError("extend: counts is only for a 2-D tensor of tokens, got per-row sequences")
+            if len(tokens) != B:
+                raise ValueError(f"extend: expected one token sequence per row (B={B}), got {len(tokens)}")
+            rows = [row.tolist() if isinstance(row, torch.Tensor) else list(row) for row in tokens]
+        for b, new in enumerate(rows):
+            if new:
+                self._append(b, new)
+
+    def propose(self, max_len: Optional[torch.Tensor] = None,
+                device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Each row's lookup draft.
+
+        Parameters
+        ----------
+        max_len : LongTensor (B,), optional
+            Per-row cap on the draft length (e.g. the tokens the row may still emit after the one
+            being committed); values <= 0 give an empty draft. ``None``: ``cfg.max_draft``.
+        device : torch.device, optional
+            Where the results go (one copy each); default CPU.
+
+        Returns
+        -------
+        draft : LongTensor (B, D), ``D = cfg.max_draft``
+            Row ``b``'s draft left-aligned, -1 after ``draft_len[b]``.
+        draft_len : LongTensor (B,)
+            In ``0..D``; 0 where the row has no earlier occurrence of any suffix n-gram.
+        """
+        B, D = self.batch_size, self.cfg.max_draft
+        if max_len is None:
+            caps = [D] * B
+        else:
+            if max_len.shape != (B,):
+                raise ValueError(f"propose: max_len must be (B={B},), got shape {tuple(max_len.shape)}")
+            caps = [min(c, D) for c in max_len.tolist()]
+        drafts, draft_len = [], []
+        for b in range(B):
+            draft = self._row_draft(b, caps[b]) if caps[b] > 0 else []
+            draft_len.append(len(draft))
+            drafts.append(draft + [-1] * (D - len(draft)))
+        return (torch.tensor(drafts, dtype=torch.long, device=device).view(B, D),
+                torch.tensor(draft_len, dtype=torch.long, device=device))
+
+    def _row_draft(self, b: int, cap: int) -> List[int]:
+        tokens, last = self._tokens[b], self._last[b]
+        L = len(tokens)
+        for n in reversed(self._sizes):
+            if n >= L:  # the suffix needs an earlier start p >= 0 with p < L - n
+                continue
+            p = last.get(tuple(tokens[L - n:]))
+            if p is not None:
+                return tokens[p + n:p + n + cap]
+        return []
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """LongTensor (B,): tokens per row so far (prompt + appended)."""
+        return torch.tensor([len(t) for t in self._tokens], dtype=torch.long)
+
+    def tokens(self, b: int) -> List[int]:
+        """Row ``b``'s tokens so far, as a new list."""
+        return list(self._tokens[b])
+
+
+def brute_force_drafts(sequences: Sequence[Sequence[int]], cfg: LookupConfig) -> List[List[int]]:
+    """The reference: a backwards scan of each row for its suffix n-gram, same semantics.
+
+    Parameters
+    ----------
+    sequences : B lists of ints
+        Each row's tokens so far.
+    cfg : LookupConfig
+
+    Returns
+    -------
+    list of B lists of ints
+        Each row's draft, at most ``cfg.max_draft`` tokens, empty where nothing matches.
+    """
+    cfg.validate()
+    drafts = []
+    for seq in sequences:
+        seq, L, draft = list(seq), len(seq), []
+        for n in range(cfg.max_ngram, cfg.min_ngram - 1, -1):
+            if n >= L:  # no room for an earlier occurrence
+                continue
+            suffix = seq[L - n:]
+            match = next((p for p in range(L - n - 1, -1, -1) if seq[p:p + n] == suffix), None)
+            if match is not None:
+                draft = seq[match + n:match + n + cfg.max_draft]
+                break
+        drafts.append(draft)
+    return drafts

@@ -1,0 +1,158 @@
+"""Tests of dynamo_sampling.lookup (per-row n-gram index for prompt-lookup drafting)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from dynamo_sampling.lookup import LookupConfig, NgramIndex, brute_force_drafts
+
+PAD = 0
+
+
+def left_padded(rows):
+    """(input_ids, attention_mask), both (B, S), rows left-padded with PAD."""
+    S = max([len(r) for r in rows] + [1])
+    ids = torch.tensor([[PAD] * (S - len(r)) + list(r) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (S - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return ids, mask
+
+
+def drafts_of(index, max_len=None):
+    """The index's drafts as python lists, checking the -1 padding on the way."""
+    draft, draft_len = index.propose(max_len)
+    assert draft.shape == (index.batch_size, index.cfg.max_draft) and draft.dtype == torch.long
+    assert draft_len.shape == (index.batch_size,) and draft_len.dtype == torch.long
+    out = []
+    for row, n in zip(draft.tolist(), draft_len.tolist()):
+        assert all(t == -1 for t in row[n:])
+        out.append(row[:n])
+    return out
+
+
+def single(tokens, cfg=None, max_len=None):
+    index = NgramIndex(*left_padded([tokens]), cfg or LookupConfig())
+    return drafts_of(index, None if max_len is None else torch.tensor([max_len]))[0]
+
+
+@pytest.mark.parametrize("max_ngram,min_ngram,max_draft", [(3, 1, 8), (2, 2, 4), (4, 1, 3), (1, 1, 1), (5, 3, 6)])
+@pytest.mark.parametrize("vocab", [2, 3, 6])
+def test_index_matches_brute_force_incrementally(max_ngram, min_ngram, max_draft, vocab):
+    cfg = LookupConfig(max_ngram=max_ngram, min_ngram=min_ngram, max_draft=max_draft)
+    rng = random.Random(1000 * vocab + 10 * max_ngram + min_ngram)
+    B = 7
+    prompt_lens = [0, 1, 2, 40] + [rng.randint(1, 20) for _ in range(B - 4)]  # 40 > _FEW: bulk path
+    seqs = [[rng.randrange(vocab) for _ in range(n)] for n in prompt_lens]
+    index = NgramIndex(*left_padded(seqs), cfg)
+    assert index.lengths.tolist() == prompt_lens
+    assert drafts_of(index) == brute_force_drafts(seqs, cfg)
+    for step in range(40):
+        new = [[rng.randrange(vocab) for _ in range(rng.choice([0, 0, 1, 1, 2, 5, 25]))] for _ in range(B)]
+        form = step % 3
+        if form == 0:
+            index.extend(new)
+        elif form == 1:
+            index.extend([torch.tensor(r, dtype=torch.long) for r in new])
+        else:  # (B, T) with junk after each row's count, as the loop's tokens and keep
+            T = max(len(r) for r in new) + 1
+            tokens = torch.tensor([r + [rng.randrange(vocab)] * (T - len(r)) for r in new], dtype=torch.long)
+            index.extend(tokens, torch.tensor([len(r) for r in new]))
+        for s, r in zip(seqs, new):
+            s.extend(r)
+        assert [index.tokens(b) for b in range(B)] == seqs
+        expected = brute_force_drafts(seqs, cfg)
+        assert drafts_of(index) == expected
+        caps = [rng.randint(-1, max_draft + 2) for _ in range(B)]
+        assert drafts_of(index, torch.tensor(caps)) == [d[:max(c, 0)] for d, c in zip(expected, caps)]
+
+
+def test_draft_follows_the_most_recent_earlier_occurrence():
+    # suffix (1,) occurs at 0 and 2; the latest earlier one (2) is followed by 8, 1
+    assert single([1, 7, 1, 8, 1]) == [8, 1]
+    assert brute_force_drafts([[1, 7, 1, 8, 1]], LookupConfig()) == [[8, 1]]
+
+
+def test_longest_ngram_wins_over_more_recent_shorter_one():
+    seq = [1, 2, 9, 3, 2, 8, 1, 2]
+    assert single(seq, LookupConfig(max_ngram=2)) == [9, 3, 2, 8, 1, 2]  # (1, 2) at 0
+    assert single(seq, LookupConfig(max_ngram=1)) == [8, 1, 2]  # (2,) at 4
+    assert single(seq, LookupConfig(max_ngram=3, min_ngram=3)) == []  # (8, 1, 2) is new, no back-off
+
+
+def test_continuation_runs_up_to_the_end_and_may_overlap_the_suffix():
+    assert single([5, 1, 2, 3, 9, 1, 2, 3]) == [9, 1, 2, 3]
+    assert single([4, 4, 4, 4]) == [4]  # (4, 4, 4) at 0, followed by the suffix's last token
+    assert single([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1], LookupConfig(max_draft=4)) == [2, 3, 4, 5]
+
+
+def test_no_earlier_occurrence_and_tiny_prompts():
+    assert single([1, 2, 3, 4]) == []
+    assert single([3]) == []
+    assert single([]) == []
+    index = NgramIndex(*left_padded([[3], []]), LookupConfig())
+    index.extend([[3], [5]])
+    assert drafts_of(index) == [[3], []]
+    index.extend([[], [5]])
+    assert drafts_of(index) == [[3], [5]]
+
+
+def test_max_len_caps_the_draft():
+    seq = [1, 2, 3, 4, 5, 1, 2]
+    assert single(seq) == [3, 4, 5, 1, 2]
+    assert single(seq, max_len=0) == []
+    assert single(seq, max_len=-3) == []
+    assert single(seq, max_len=1) == [3]
+    assert single(seq, LookupConfig(max_draft=2), max_len=100) == [3, 4]
+
+
+def test_left_padding_is_not_part_of_the_row():
+    # the pads are 7s too; counting them would make (7,) a repeat
+    ids = torch.tensor([[7, 7, 1, 7]])
+    mask = torch.tensor([[0, 0, 1, 1]])
+    index = NgramIndex(ids, mask, LookupConfig())
+    assert index.tokens(0) == [1, 7]
+    assert drafts_of(index) == [[]]
+
+
+def test_propose_device_argument():
+    index = NgramIndex(*left_padded([[1, 2, 1]]), LookupConfig())
+    draft, draft_len = index.propose(device="cpu")
+    assert draft.tolist() == [[2, 1] + [-1] * 6] and draft_len.tolist() == [2]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(min_ngram=0), "min_ngram must be >= 1, got 0"),
+    (dict(max_ngram=1, min_ngram=2), "max_ngram must be >= min_ngram (2), got 1"),
+    (dict(max_draft=0), "max_draft must be >= 1, got 0"),
+])
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=f"^{message.replace('(', '[(]').replace(')', '[)]')}$"):
+        LookupConfig(**kwargs).validate()
+    with pytest.raises(ValueError, match="must be"):
+        NgramIndex(*left_padded([[1, 2]]), LookupConfig(**kwargs))
+    with pytest.raises(ValueError, match="must be"):
+        brute_force_drafts([[1, 2]], LookupConfig(**kwargs))
+
+
+def test_input_validation_messages():
+    cfg = LookupConfig()
+    ids, mask = left_padded([[1, 2], [3]])
+    with pytest.raises(ValueError, match=r"^input_ids must be 2-D \(B, S\), got shape \(2,\)$"):
+        NgramIndex(ids[0], mask[0], cfg)
+    with pytest.raises(ValueError, match=r"^attention_mask must have the shape of input_ids \(2, 2\), got \(2, 1\)$"):
+        NgramIndex(ids, mask[:, :1], cfg)
+    index = NgramIndex(ids, mask, cfg)
+    with pytest.raises(ValueError, match=r"^extend: expected one token sequence per row \(B=2\), got 1$"):
+        index.extend([[1]])
+    with pytest.raises(ValueError, match=r"^extend: a tensor of tokens must be \(B=2, T\), got shape \(3, 1\)$"):
+        index.extend(torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^extend: counts must be \(B=2,\) with a tensor of tokens, got None$"):
+        index.extend(torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^extend: counts must be in \[0, 1\], got \[2, 0\]$"):
+        index.extend(torch.zeros(2, 1, dtype=torch.long), torch.tensor([2, 0]))
+    with pytest.raises(ValueError, match=r"^extend: counts is only for a 2-D tensor of tokens"):
+        index.extend([[1], [2]], torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match=r"^propose: max_len must be \(B=2,\), got shape \(1,\)$"):
+        index.propose(torch.tensor([1]))
+    assert index.tokens(0) == [1, 2] and index.tokens(1) == [3]  # failed calls appended nothing
