@@ -1,4 +1,4 @@
-"""``dynamo-sampling`` command line: train, cooccur, generate, demo (users of the library, never imported by it)."""
+"""``dynamo-sampling`` command line: train, cooccur, generate (users of the library, never imported by it)."""
 from __future__ import annotations
 
 import argparse
@@ -58,9 +58,12 @@ class TextStreamer:
 
 
 def _add_generate(sub):
-    p = sub.add_parser("generate", help="complete a prompt with the bundled (or a given) model")
+    from .decoding import STRATEGIES
+
+    p = sub.add_parser("generate", help="complete a prompt with the bundled (or a given) model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--strategy", choices=("ar", "dynamo", "speculative"), default="dynamo")
+    p.add_argument("--strategy", choices=STRATEGIES, default="dynamo")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--do-sample", action="store_true")
     p.add_argument("--temperature", type=float, default=0.7)
@@ -70,6 +73,11 @@ def _add_generate(sub):
     p.add_argument("--model-dir", default=None, help="a save_model directory with tokenizer.json (default: bundled)")
     p.add_argument("--no-stats", action="store_true", help="no co-occurrence statistics")
     p.add_argument("--stream", action="store_true", help="print text as it is produced")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads: 1 suits a model this small, and torch's default (one per core) "
+                        "runs up to 100x slower while another process busies a core")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="inference dtype; auto: bf16 where the hardware runs it natively, else fp32")
     p.set_defaults(func=_run_generate)
 
 
@@ -79,7 +87,10 @@ def _run_generate(args) -> int:
     from .pretrained import load_pretrained
     from .sampling import sample
 
-    model, tok, stats = load_pretrained(args.model_dir, with_stats=not args.no_stats)
+    if args.threads < 1:
+        raise SystemExit(f"error: --threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    model, tok, stats = load_pretrained(args.model_dir, with_stats=not args.no_stats, dtype=args.dtype)
     ids = torch.tensor([tok.encode(args.prompt).ids])
     if ids.shape[1] == 0:
         raise SystemExit("error: the prompt encodes to no tokens")

@@ -104,26 +104,27 @@ class GenerationOutput:
 _STEP_COST = {}
 
 
-def measure_step_cost(model, batch_size: int, width: int, heads: int, repeats: int = 5) -> tuple:
+def measure_step_cost(model, batch_size: int, width: int, heads: int, rounds: int = 7) -> tuple:
     """Relative cost of one forward feeding T = 1..width tokens per row with ``heads`` heads.
 
-    Timed on a scratch cache holding a 64-token prefix (min of ``repeats`` after a warm-up), head 1
-    unembedded at every fed row and heads 2..H at one, as the loop does. Returns a tuple of
-    ``width`` floats, the first 1.0, made non-decreasing."""
+    Timed on a scratch cache holding a 64-token prefix, head 1 unembedded at every fed row and
+    heads 2..H at one, as the loop does. Every width is timed once per round, ``rounds`` rounds
+    after a warm-up, and each keeps its fastest: load from other processes only ever adds time,
+    so the minimum is the robust estimate. Made non-decreasing by suffix minima (a width's cost is
+    at most any wider one's). Returns ``width`` floats, the first 1.0."""
     p = next(iter(model.parameters()), None)
     dev = p.device if p is not None else torch.device("cpu")
     prefix = min(64, model.max_seq_len - width)
     cache = model.new_cache(batch_size, max_len=prefix + width)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    best = [float("inf")] * width
     with torch.inference_mode():
         model(torch.zeros(batch_size, prefix, dtype=torch.long, device=dev),
               torch.arange(prefix, device=dev).expand(batch_size, prefix), cache, heads=heads, output_hidden=True)
-        times = []
-        for T in range(1, width + 1):
-            ids = torch.zeros(batch_size, T, dtype=torch.long, device=dev)
-            pos = (prefix + torch.arange(T, device=dev)).expand(batch_size, T)
-            best = float("inf")
-            for r in range(repeats + 1):
+        feeds = [(torch.zeros(batch_size, T, dtype=torch.long, device=dev),
+                  (prefix + torch.arange(T, device=dev)).expand(batch_size, T)) for T in range(1, width + 1)]
+        for r in range(rounds + 1):
+            for i, (ids, pos) in enumerate(feeds):
                 sync()
                 t0 = time.perf_counter()
                 hidden = model(ids, pos, cache, heads=heads, output_hidden=True)
@@ -131,14 +132,12 @@ def measure_step_cost(model, batch_size: int, width: int, heads: int, repeats: i
                 if heads > 1:
                     model.head_logits(hidden[:, -1, 1:])
                 sync()
-                if r:
-                    best = min(best, time.perf_counter() - t0)
-            times.append(best)
-    rel, top = [], 0.0
-    for t in times:
-        top = max(top, t / times[0])
-        rel.append(top)
-    return tuple(rel)
+                if r:  # round 0 warms up
+                    best[i] = min(best[i], time.perf_counter() - t0)
+    rel = [t / best[0] for t in best]
+    for i in range(width - 2, -1, -1):
+        rel[i] = min(rel[i], rel[i + 1])
+    return tuple(max(1.0, c) if i else 1.0 for i, c in enumerate(rel))
 
 
 def _step_cost(model, batch_size, width, heads, draft: DraftConfig, device) -> torch.Tensor:
@@ -191,6 +190,9 @@ class Proposal:
     q_ids, q_probs : (B, W, kq) or None; sampling only: the draft distribution of token j >= 1
         (``q_probs`` over ``q_ids``), what rejection sampling needs.
     from_lookup : (B,) bool or None; rows whose draft came from the lookup index.
+    guess_joint, guess_lookup : (B,) int64 or None; each drafter's first draft token (-1: none),
+        judged by head 1 at the first fed position whichever draft is fed (acceptance evidence).
+    guess_joint_q : (B,) float64 or None; the joint's probability of its first draft token.
     """
 
     tokens: torch.Tensor
@@ -198,6 +200,39 @@ class Proposal:
     q_ids: Optional[torch.Tensor] = None
     q_probs: Optional[torch.Tensor] = None
     from_lookup: Optional[torch.Tensor] = None
+    guess_joint: Optional[torch.Tensor] = None
+    guess_joint_q: Optional[torch.Tensor] = None
+    guess_lookup: Optional[torch.Tensor] = None
+
+
+class _Evidence:
+    """Per-row acceptance evidence of one drafter, for sizing and choosing drafts.
+
+    first : its first draft token, judged every step it proposes one (fed or not: head 1 at the
+        first fed position, which predicts that token, is computed either way);
+    cont : the tokens after the first, judged only when its draft is fed.
+    Rates are Beta-smoothed: ``(hits + prior) / (checked + 1)``."""
+
+    def __init__(self, B, device, prior_first: float, prior_cont: float):
+        z = lambda: torch.zeros(B, dtype=torch.float64, device=device)  # noqa: E731
+        self.first_hits, self.first_checked, self.cont_hits, self.cont_checked = z(), z(), z(), z()
+        self.prior_first, self.prior_cont = prior_first, prior_cont
+
+    def first_rate(self, prior=None) -> torch.Tensor:
+        return (self.first_hits + (self.prior_first if prior is None else prior)) / (self.first_checked + 1.0)
+
+    def cont_rate(self) -> torch.Tensor:
+        return (self.cont_hits + self.prior_cont) / (self.cont_checked + 1.0)
+
+    def add_first(self, proposed: torch.Tensor, accept_prob: torch.Tensor):
+        self.first_checked += proposed.double()
+        self.first_hits += torch.where(proposed, accept_prob.double(), 0.0)
+
+    def add_fed(self, fed: torch.Tensor, drafted: torch.Tensor, accepted: torch.Tensor):
+        """drafted / accepted (B,) draft tokens fed / kept; tokens after the first rejection are unjudged."""
+        checked = accepted + (accepted < drafted).long()
+        self.cont_checked += torch.where(fed, (checked - 1).clamp(min=0), 0).double()
+        self.cont_hits += torch.where(fed, (accepted - 1).clamp(min=0), 0).double()
 
 
 class _Decoder:
@@ -236,8 +271,8 @@ class _Decoder:
         self.hist = torch.zeros(B, W, dtype=torch.long, device=dev)
         self.drafted = torch.zeros(B, dtype=torch.long, device=dev)
         self.accepted = torch.zeros(B, dtype=torch.long, device=dev)
-        self.lookup_drafted = torch.zeros(B, dtype=torch.float64, device=dev)
-        self.lookup_accepted = torch.zeros(B, dtype=torch.float64, device=dev)
+        self.joint_ev = _Evidence(B, dev, prior_first=0.0, prior_cont=0.0)  # first: prior is the heads' own q
+        self.lookup_ev = _Evidence(B, dev, prior_first=0.5, prior_cont=0.8)  # a copied span tends to go on
         self.eos = torch.tensor(eos_token_id or [], dtype=torch.long, device=dev)
         self.seen = None
         if strategy in ("dynamo", "speculative") and dynamo.repetition_penalty != 1.0:
@@ -283,66 +318,90 @@ class _Decoder:
         remaining = self.max_new - self.n_gen
         tokens = torch.full((B, W), -1, dtype=torch.long, device=dev)
         tokens[:, 0] = first
-        best_value = torch.full((B,), -1.0, dtype=torch.float64, device=dev)
         n = torch.ones(B, dtype=torch.long, device=dev)
-        kq = 1
-        q_ids = q_probs = None
-        from_lookup = None
+        prop = Proposal(tokens, n)
+        lookup = self._lookup_draft(prop, first, remaining, active) if self.index is not None else None
+        joint_value = torch.full((B,), -1.0, dtype=torch.float64, device=dev)
         if self.strategy == "speculative":
-            cfg = self.dynamo
-            if self.draft.size_by == "cost":
-                cfg = dataclasses.replace(cfg, k=min(self.draft.joint_k, cfg.k), eps_b=0.0, adaptive_threshold=False)
-            pol = self._policy(cfg, first_tokens=first)
-            jn = pol.n.clamp(max=remaining)  # (B,) 1..H
-            H, k = pol.topk_ids.shape[1], pol.topk_ids.shape[2]
-            if self.cost is not None:
-                # acceptance of draft token j, known before it is drawn: greedy, the draft's own
-                # probability of its (deterministic) token; sampling, sum_x q_j(x)^2, the chance that
-                # a draw from q_j agrees with another draw from it. When sampling, the choice against
-                # the lookup draft below reads only q_2 (it must not depend on the drawn tokens).
-                q = pol.draft_probs[:, 1:].double()  # (B, H-1, k)
-                if self.sp.do_sample:
-                    acc = (q * q).sum(-1)
-                else:
-                    acc = (q * (pol.topk_ids[:, 1:] == pol.tokens[:, 1:, None].clamp(min=0))).sum(-1)
-                d_len, best_value = size_drafts(acc, jn - 1, self.cost)
-                if self.sp.do_sample:  # value for the choice: q_2's acceptance at every position
-                    best_value = size_drafts(acc[:, :1].expand_as(acc), jn - 1, self.cost)[1]
-                jn = 1 + d_len
-            else:
-                best_value = (jn - 1).double()
-            n = jn
-            tokens[:, 1:H] = pol.tokens[:, 1:]
-            if self.sp.do_sample:
-                kq = k
-                q_ids = torch.zeros(B, W, k, dtype=torch.long, device=dev)
-                q_probs = torch.zeros(B, W, k, dtype=torch.float32, device=dev)
-                q_ids[:, :H], q_probs[:, :H] = pol.topk_ids, pol.draft_probs
-        if self.index is not None:
-            self.index.extend(first[:, None], active.long())
-            draft, dlen = self.index.propose(max_len=remaining - 1, device=dev)  # (B, D), (B,)
-            D = draft.shape[1]
-            if self.cost is not None:
-                rate = (self.lookup_accepted + 1.0) / (self.lookup_drafted + 2.0)  # running acceptance, prior 1/2
-                j = torch.arange(1, D + 1, device=dev)
-                ld, value = size_drafts(torch.where(j[None] <= dlen[:, None], rate[:, None], 0.0), dlen, self.cost)
-            else:
-                ld, value = dlen, dlen.double()
-            use = (value > best_value) & (ld > 0)
-            from_lookup = use
-            n = torch.where(use, 1 + ld, n)
-            tokens[:, 1:1 + D] = torch.where(use[:, None], draft, tokens[:, 1:1 + D])
-            if self.sp.do_sample:
-                if q_ids is None:
-                    q_ids = torch.zeros(B, W, kq, dtype=torch.long, device=dev)
-                    q_probs = torch.zeros(B, W, kq, dtype=torch.float32, device=dev)
-                point_ids = torch.zeros_like(q_ids[:, 1:1 + D])
-                point_ids[..., 0] = draft.clamp(min=0)
-                point_probs = torch.zeros_like(q_probs[:, 1:1 + D])
-                point_probs[..., 0] = 1.0
-                q_ids[:, 1:1 + D] = torch.where(use[:, None, None], point_ids, q_ids[:, 1:1 + D])
-                q_probs[:, 1:1 + D] = torch.where(use[:, None, None], point_probs, q_probs[:, 1:1 + D])
-        return Proposal(tokens, torch.where(active, n, 0), q_ids, q_probs, from_lookup)
+            need = active
+            if lookup is not None and self.cost is not None:
+                # skip the policy when no joint draft could beat the lookup draft: even with every
+                # token after the first certain, H-1 tokens at the joint's observed first rate
+                a1 = self.joint_ev.first_rate(torch.ones(B, dtype=torch.float64, device=dev))
+                acc = torch.cat([a1[:, None], torch.ones(B, self.H - 2, dtype=torch.float64, device=dev)], 1)
+                need = need & ~(lookup[3] >= size_drafts(acc, remaining - 1, self.cost)[1])
+            if bool(need.any()):
+                joint_value = self._joint_draft(prop, first, remaining)
+        if lookup is not None:
+            draft, dlen, ld, value = lookup
+            self._use_lookup(prop, draft, ld, (value > joint_value) & (ld > 0))
+        prop.n = torch.where(active, prop.n, 0)
+        return prop
+
+    def _joint_draft(self, prop: Proposal, first, remaining) -> torch.Tensor:
+        """The heads' joint n-gram after ``first``, sized; fills ``prop``, returns its value (B,)."""
+        B, W, dev = self.B, self.W, self.dev
+        cfg = self.dynamo
+        if self.draft.size_by == "cost":
+            cfg = dataclasses.replace(cfg, k=min(self.draft.joint_k, cfg.k), eps_b=0.0, adaptive_threshold=False)
+        pol = self._policy(cfg, first_tokens=first)
+        jn = pol.n.clamp(max=remaining)  # (B,) 1..H
+        H, k = pol.topk_ids.shape[1], pol.topk_ids.shape[2]
+        q = pol.draft_probs[:, 1:].double()  # (B, H-1, k) q_j over the top-k
+        q_drawn = (q * (pol.topk_ids[:, 1:] == pol.tokens[:, 1:, None].clamp(min=0))).sum(-1)  # (B, H-1)
+        prop.guess_joint = torch.where(jn > 1, pol.tokens[:, 1], -1)
+        prop.guess_joint_q = q_drawn[:, 0]
+        if self.cost is not None:
+            # acceptance of draft token j, known before it is drawn: greedy, the draft's own
+            # probability of its (deterministic) token; sampling, sum_x q_j(x)^2, the chance that a
+            # draw from q_j agrees with another. Token 1's is the row's observed rate (prior: that).
+            acc = (q * q).sum(-1) if self.sp.do_sample else q_drawn
+            acc = torch.cat([self.joint_ev.first_rate(acc[:, 0])[:, None], acc[:, 1:]], dim=1)
+            d_len, value = size_drafts(acc, jn - 1, self.cost)
+            if self.sp.do_sample:  # the choice against lookup must not read the drawn tokens
+                value = size_drafts(acc[:, :1].expand_as(acc), jn - 1, self.cost)[1]
+            jn = 1 + d_len
+        else:
+            value = (jn - 1).double()
+        prop.n = jn
+        prop.tokens[:, 1:H] = pol.tokens[:, 1:]
+        if self.sp.do_sample:
+            prop.q_ids = torch.zeros(B, W, k, dtype=torch.long, device=dev)
+            prop.q_probs = torch.zeros(B, W, k, dtype=torch.float32, device=dev)
+            prop.q_ids[:, :H], prop.q_probs[:, :H] = pol.topk_ids, pol.draft_probs
+        return value
+
+    def _lookup_draft(self, prop: Proposal, first, remaining, active):
+        """The prompt-lookup draft after ``first``: (draft (B, D), its length, the sized length, value)."""
+        dev = self.dev
+        self.index.extend(first[:, None], active.long())
+        draft, dlen = self.index.propose(max_len=remaining - 1, device=dev)  # (B, D), (B,)
+        D = draft.shape[1]
+        prop.guess_lookup = torch.where(dlen > 0, draft[:, 0], -1)
+        if self.cost is None:
+            return draft, dlen, dlen, dlen.double()
+        j = torch.arange(1, D + 1, device=dev)
+        acc = torch.where(j[None] == 1, self.lookup_ev.first_rate()[:, None], self.lookup_ev.cont_rate()[:, None])
+        ld, value = size_drafts(torch.where(j[None] <= dlen[:, None], acc, 0.0), dlen, self.cost)
+        return draft, dlen, ld, value
+
+    def _use_lookup(self, prop: Proposal, draft, ld, use):
+        """Feed the lookup draft (its first ``ld`` tokens) in rows ``use``."""
+        B, W, dev = self.B, self.W, self.dev
+        D = draft.shape[1]
+        prop.from_lookup = use
+        prop.n = torch.where(use, 1 + ld, prop.n)
+        prop.tokens[:, 1:1 + D] = torch.where(use[:, None], draft, prop.tokens[:, 1:1 + D])
+        if self.sp.do_sample:  # a lookup draft is a point mass
+            if prop.q_ids is None:
+                prop.q_ids = torch.zeros(B, W, 1, dtype=torch.long, device=dev)
+                prop.q_probs = torch.zeros(B, W, 1, dtype=torch.float32, device=dev)
+            point_ids = torch.zeros_like(prop.q_ids[:, 1:1 + D])
+            point_ids[..., 0] = draft.clamp(min=0)
+            point_probs = torch.zeros_like(prop.q_probs[:, 1:1 + D])
+            point_probs[..., 0] = 1.0
+            prop.q_ids[:, 1:1 + D] = torch.where(use[:, None, None], point_ids, prop.q_ids[:, 1:1 + D])
+            prop.q_probs[:, 1:1 + D] = torch.where(use[:, None, None], point_probs, prop.q_probs[:, 1:1 + D])
 
     # ------------------------------------------------------------ feed
 
@@ -383,6 +442,25 @@ class _Decoder:
             self.residual = torch.where(rejected[:, None], q, 0.0)
         return keep
 
+    def _judge_first_guesses(self, prop: Proposal, head1_first: torch.Tensor, active):
+        """Each drafter's first draft token against head 1 at the first fed position (B, V): the
+        probability it would be accepted (greedy: 0 or 1; sampling: min(1, p / q))."""
+        if prop.guess_joint is None and prop.guess_lookup is None:
+            return
+        if self.sp.do_sample:
+            p0 = self.sp.probs(head1_first).double()  # (B, V)
+            prob = lambda tok: p0.gather(1, tok.clamp(min=0)[:, None])[:, 0]  # noqa: E731
+        else:
+            top = head1_first.argmax(-1)
+            prob = lambda tok: (tok == top).double()  # noqa: E731
+        if prop.guess_joint is not None:
+            accept = prob(prop.guess_joint)
+            if self.sp.do_sample:
+                accept = (accept / prop.guess_joint_q.clamp(min=1e-30)).clamp(max=1.0)
+            self.joint_ev.add_first(active & (prop.guess_joint >= 0), accept)
+        if prop.guess_lookup is not None:
+            self.lookup_ev.add_first(active & (prop.guess_lookup >= 0), prob(prop.guess_lookup))
+
     # ------------------------------------------------------------ commit
 
     def commit(self, prop: Proposal, keep: torch.Tensor, T: int, active: torch.Tensor):
@@ -401,10 +479,10 @@ class _Decoder:
             self.seen.scatter_(1, torch.where(kept, tokens.clamp(min=0), self.V), True)
         if self.index is not None:
             self.index.extend(tokens[:, 1:], (keep - 1).clamp(min=0))
-            if prop.from_lookup is not None:
-                lk = prop.from_lookup & active
-                self.lookup_drafted += torch.where(lk, prop.n - 1, 0).double()
-                self.lookup_accepted += torch.where(lk, keep - 1, 0).clamp(min=0).double()
+        lk = torch.zeros_like(active) if prop.from_lookup is None else prop.from_lookup & active
+        drafted, accepted = (prop.n - 1).clamp(min=0), (keep - 1).clamp(min=0)
+        self.lookup_ev.add_fed(lk & (drafted > 0), drafted, accepted)
+        self.joint_ev.add_fed(active & ~lk & (drafted > 0), drafted, accepted)
         self.drafted += (prop.n - 1).clamp(min=0)
         self.accepted += (keep - 1).clamp(min=0)
         self.cache.lengths = self.cache.lengths + keep
@@ -428,6 +506,7 @@ class _Decoder:
             new_last = self.model.head_logits(last)
         else:
             head1 = self.model.head_logits(hidden[:, :, 0])  # (B, T, V)
+            self._judge_first_guesses(prop, head1[:, 0], active)
             keep = self.verify(prop, head1) if T > 1 else prop.n
             at = (keep - 1).clamp(min=0)
             new_last = head1[rows, at][:, None]

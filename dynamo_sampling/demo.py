@@ -1,7 +1,9 @@
-"""``make demo``: the bundled model completes a few code prompts with ar, dynamo and speculative.
+"""``make demo``: the bundled model completes a few code prompts with every strategy.
 
 Prints each completion, tokens per step, and the wall-clock speed-up over ``ar`` measured in
-this run (same prompt, same number of new tokens, greedy).
+this run (same prompt, same number of new tokens, greedy; ``lookup`` is the no-heads peer).
+Runs on one torch thread (``--threads``): a model this small decodes fastest on one, and up to
+100x slower on two while another process busies a core.
 """
 from __future__ import annotations
 
@@ -37,10 +39,11 @@ def load_model_or_random():
         return model, tok, None, False
 
 
-def run(max_new_tokens: int = 64, repeats: int = 2):
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+def run(max_new_tokens: int = 64, repeats: int = 2, threads: int = 1):
+    torch.set_num_threads(threads)
     model, tok, stats, trained = load_model_or_random()
     print(f"model: TinyMTP, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{str(next(model.parameters()).dtype).replace('torch.', '')}, {threads} thread(s), "
           f"{model.n_heads} heads, {'trained (bundled)' if trained else 'random'}; "
           f"co-occurrence statistics: {'%d tokens' % stats.num_tokens if stats is not None else 'none'}\n")
     totals = {}
@@ -48,7 +51,7 @@ def run(max_new_tokens: int = 64, repeats: int = 2):
         ids = torch.tensor([tok.encode(prompt).ids])
         print("=" * 72 + "\n" + prompt.rstrip() + "\n" + "-" * 72)
         times = {}
-        for strategy in ("ar", "dynamo", "speculative"):
+        for strategy in ("ar", "dynamo", "speculative", "lookup"):
             best = None
             for _ in range(repeats):  # best of `repeats`: the first run warms caches
                 out = sample(model, ids, strategy=strategy, max_new_tokens=max_new_tokens, stats=stats,
@@ -70,8 +73,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
-    run(a.max_new_tokens, a.repeats)
+    run(a.max_new_tokens, a.repeats, a.threads)
 
 
 if __name__ == "__main__":

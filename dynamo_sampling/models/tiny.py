@@ -291,6 +291,7 @@ class TinyMTP(nn.Module):
             self.unembed.weight = self.embed.weight
         self.apply(self._init)
         self._inference = None  # (key, stem GroupWeights list, heads GroupWeights, head norm w, b)
+        self._param_list = None  # parameters, listed once (replaced Parameter objects: reset it to None)
 
     @staticmethod
     def _init(m):
@@ -350,8 +351,9 @@ class TinyMTP(nn.Module):
     def inference_weights(self):
         """Stacked, norm-folded weights for :func:`grouped_block`, rebuilt when any parameter changes
         (in place, by ``load_state_dict``, an optimiser step, or ``.to()``)."""
-        params = list(self.parameters())
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        if getattr(self, "_param_list", None) is None:  # walking the modules each forward costs ~0.4 ms
+            self._param_list = list(self.parameters())
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in self._param_list)
         if self._inference is None or self._inference[0] != key:
             with torch.no_grad():
                 stem = [GroupWeights.stack([b]) for b in self.stem]
