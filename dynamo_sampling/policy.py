@@ -345,8 +345,10 @@ def dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats=None, do_
     single = ~(n_out > 1)
     if first_tokens is not None:
         first = first_tokens
-    elif do_sample:
+    elif do_sample and (dev.type != "cpu" or bool(single.any())):  # on a CPU, skip it when no row needs it
         first = draw(head_probs(head_logits[:, 0], True, temperature, top_k), generator)
+    elif do_sample:
+        first = tokens[:, 0]
     else:
         first = head_logits[:, 0].argmax(-1)
     tokens[:, 0] = torch.where(single, first, tokens[:, 0])

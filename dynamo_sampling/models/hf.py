@@ -17,14 +17,26 @@ The cache (:class:`HFKVCache`) is this library's, not a ``transformers`` ``Cache
 their own positions (ragged prompts, ragged acceptance), and ``DynamicCache``/``StaticCache`` append
 or write at one ``cache_position`` shared by all rows. So every layer is run through its family's own
 ``forward`` (no forked model code: the family keeps its attention, GQA, partial rotary, parallel
-residual) with three things supplied from here:
+residual) with a :class:`FeedPlan` built once per forward and shared by every layer, stem and heads:
 
 * ``position_embeddings`` from the model's ``rotary_emb`` on per-row ``positions`` (padding -> 0);
 * a 4-D additive mask ``(B, 1, T, S)``: query at position ``q`` sees keys at positions ``<= q`` of its
-  own row (padding queries see slot 0 only, their output is garbage and discarded);
-* a duck-typed cache object whose ``update(keys, values, layer_idx, ...)`` - the only cache method
-  these attention modules call - writes each real token's keys/values to slot ``position`` of its row
-  in preallocated ``(B, kv_heads, max_len, head_dim)`` tensors and returns slots ``0..max_pos``.
+  own row (padding queries see slot 0 only, their output is garbage and discarded); with a cache ``S`` is
+  the cache's ``max_len``, so a step's shapes depend on ``(B, T)`` only;
+* the cache write indices, used by a duck-typed cache object whose ``update(keys, values, layer_idx, ...)``
+  - the only cache method these attention modules call - writes each real token's keys/values to slot
+  ``position`` of its row (padding to a spare slot nobody reads) and returns slots ``0..max_len-1``.
+
+Building the plan needs no host sync (no ``.item()``, ``nonzero`` or data-dependent shape), so a forward
+can be queued on a GPU or captured in a CUDA graph; positions beyond the cache or the context are
+checked on the device (``torch._assert_async``: a ``RuntimeError`` on CPU).
+
+Heads 2..H run as one grouped call: their parameters are stacked on a head axis and the family's own layer
+runs under ``torch.func.vmap`` + ``functional_call`` (:meth:`HFMTP._grouped_hidden`). Head 1 is the base's
+own layer and runs on its own. ``forward(..., output_hidden=True)`` returns the heads' normed hidden
+states and :meth:`HFMTP.head_logits` unembeds only the rows a caller uses. :meth:`HFMTP._reference_forward`
+keeps the plain per-head path (heads one after another, every row unembedded) that the tests and
+``benchmarks/bench_hf_step.py`` compare against.
 
 Rolling back is the decoder lowering ``cache.lengths``: stale slots are masked and overwritten. The
 layer's ``forward`` receives the cache under the keyword it declares (``cache``, ``layer_past``,
@@ -37,11 +49,13 @@ import hashlib
 import inspect
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.func import functional_call, vmap
 
 try:
     import transformers
@@ -57,6 +71,8 @@ _VOLATILE_CONFIG_KEYS = {"_name_or_path", "name_or_path", "transformers_version"
                          "_attn_implementation", "_attn_implementation_autoset", "_attn_implementation_internal",
                          "_commit_hash", "architectures", "use_cache", "output_hidden_states", "output_attentions",
                          "return_dict", "bos_token_id", "eos_token_id", "pad_token_id"}
+# head_logits on CPU multiplies W (V, d) by hidden^T when it has at most this many rows (see head_logits)
+_SMALL_ROWS = 6
 
 
 @dataclass
@@ -68,15 +84,19 @@ class _Parts:
     norm: nn.Module
     rotary: nn.Module
     lm_head: nn.Module
+    kv_heads: int  # key/value heads per attention layer (GQA: fewer than query heads)
+    head_dim: int  # per key/value head
 
 
 def _parts(base: nn.Module) -> _Parts:
     if isinstance(base, GPTNeoXForCausalLM):
-        m = base.gpt_neox
-        return _Parts(m.embed_in, m.emb_dropout, m.layers, m.final_layer_norm, _rotary(m), base.get_output_embeddings())
+        m, c = base.gpt_neox, base.config
+        return _Parts(m.embed_in, m.emb_dropout, m.layers, m.final_layer_norm, _rotary(m), base.get_output_embeddings(),
+                      c.num_attention_heads, m.layers[-1].attention.head_size)
     if isinstance(base, LlamaForCausalLM):
-        m = base.model
-        return _Parts(m.embed_tokens, None, m.layers, m.norm, _rotary(m), base.get_output_embeddings())
+        m, c = base.model, base.config
+        return _Parts(m.embed_tokens, None, m.layers, m.norm, _rotary(m), base.get_output_embeddings(),
+                      c.num_key_value_heads, m.layers[-1].self_attn.head_dim)
     raise TypeError(f"HFMTP supports {', '.join(SUPPORTED_FAMILIES)} (and subclasses); got {type(base).__name__}")
 
 
@@ -105,51 +125,79 @@ def config_fingerprint(config) -> str:
 class HFKVCache:
     """Preallocated, position-addressed keys and values for every attention layer of an :class:`HFMTP`.
 
-    ``k[i]``/``v[i]`` are ``(B, kv_heads, max_len, head_dim)`` in the model's dtype, allocated at the first
-    write of layer ``i`` (so kv heads and head_dim come from the family itself). Slot ``p`` of row ``b``
-    holds the token at position ``p``. ``lengths`` (B,) int64 is the decoder's bookkeeping.
-
-    Duck-types the one method of ``transformers.Cache`` the supported attention modules call, ``update``.
+    ``k``/``v`` are ``(n_attn_layers, B, kv_heads, max_len + 1, head_dim)`` in the cache's dtype; slot ``p`` of
+    row ``b`` holds the token at position ``p``, and the extra slot ``max_len`` is where padding tokens' writes
+    go (never attended to). Layers are ordered stem, head 1, heads 2..H, so heads 2..H's caches are one
+    contiguous slice for the grouped call. ``lengths`` (B,) int64 is the decoder's bookkeeping; the model only
+    reads positions.
     """
 
-    def __init__(self, n_attn_layers: int, batch_size: int, max_len: int, dtype, device):
-        self.k: list = [None] * n_attn_layers
-        self.v: list = [None] * n_attn_layers
+    def __init__(self, n_attn_layers: int, batch_size: int, max_len: int, kv_heads: int, head_dim: int, dtype,
+                 device):
+        shape = (n_attn_layers, batch_size, kv_heads, max_len + 1, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
-        self.batch_size = batch_size
         self.dtype = dtype
-        self.device = device
-        self._feed = None  # (b_idx, t_idx, p_idx, n_slots) of the forward in progress, set by HFMTP
+        self.device = self.k.device
+        self.slots = torch.arange(max_len, device=self.device)  # (max_len,): the key slots every query may see
 
-    def begin_feed(self, positions: torch.Tensor):
-        """Remember where this forward's tokens go. positions (B, T) int64, -1 for padding."""
-        valid = positions >= 0
-        b_idx, t_idx = valid.nonzero(as_tuple=True)
-        n_slots = int(positions.max()) + 1 if b_idx.numel() else 1
-        self._feed = (b_idx, t_idx, positions[b_idx, t_idx], n_slots)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """key_states, value_states (B, kv_heads, T, head_dim) of this forward -> keys, values (B, kv_heads, S, head_dim)
-        for slots 0..S-1, S = the largest position fed + 1."""
-        b_idx, t_idx, p_idx, n_slots = self._feed
-        if self.k[layer_idx] is None:
-            B, nkv, _, hd = key_states.shape
-            shape = (self.batch_size, nkv, self.max_len, hd)
-            self.k[layer_idx] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self.v[layer_idx] = torch.zeros((*shape[:3], value_states.shape[-1]), dtype=self.dtype, device=self.device)
-        ck, cv = self.k[layer_idx], self.v[layer_idx]
-        ck[b_idx, :, p_idx] = key_states[b_idx, :, t_idx].to(ck.dtype)
-        cv[b_idx, :, p_idx] = value_states[b_idx, :, t_idx].to(cv.dtype)
-        return ck[:, :, :n_slots].to(key_states.dtype), cv[:, :, :n_slots].to(value_states.dtype)
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
 
 
 @dataclass
-class _Context:
-    """What every layer of one forward shares: rotary (cos, sin), the additive mask and the cache."""
+class FeedPlan:
+    """What every layer of one forward shares, built once per forward by :meth:`HFMTP.feed_plan`, no host sync.
+
+    positions : (B, T) int64, the caller's, -1 for padding.
+    position_ids : (B, T) int64, padding -> 0.
+    position_embeddings : the base's rotary ``(cos, sin)`` at ``position_ids``, in the hidden dtype.
+    mask : (B, 1, T, S) additive, hidden dtype; S = ``cache.max_len`` with a cache, T without.
+    cache : HFKVCache or None.
+    write_index : with a cache, ``(rows (B, 1, 1), kv heads (1, kv_heads, 1), slots (B, 1, T))`` int64 for
+        ``index_put_`` of a layer's keys/values (B, kv_heads, T, head_dim); padding goes to slot ``max_len``.
+    """
+    positions: torch.Tensor
+    position_ids: torch.Tensor
     position_embeddings: tuple
-    mask: torch.Tensor  # (B, 1, T, S) additive, the hidden dtype
+    mask: torch.Tensor
     cache: Optional[HFKVCache]
+    write_index: Optional[tuple]
+
+    def writer(self, keys=None, values=None) -> Optional["_SlotWriter"]:
+        """The cache object a layer receives: over the whole cache (``update`` picks the layer by ``layer_idx``),
+        or over one layer's ``keys``/``values`` (B, kv_heads, max_len + 1, head_dim) as given."""
+        if self.cache is None:
+            return None
+        if keys is None:
+            return _SlotWriter(self.cache.k, self.cache.v, self.write_index, self.cache.max_len, by_layer=True)
+        return _SlotWriter(keys, values, self.write_index, self.cache.max_len, by_layer=False)
+
+
+class _SlotWriter:
+    """Duck-types ``transformers.Cache.update`` for one forward: key_states, value_states (B, kv_heads, T, head_dim)
+    -> written to their slots; returns keys, values (B, kv_heads, max_len, head_dim), the cache's slots 0..max_len-1.
+    ``index_put_`` (not ``scatter_``) because it has a ``vmap`` batching rule."""
+
+    __slots__ = ("keys", "values", "index", "width", "by_layer")
+
+    def __init__(self, keys, values, index, width: int, by_layer: bool):
+        self.keys, self.values, self.index, self.width, self.by_layer = keys, values, index, width, by_layer
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        ck, cv = (self.keys[layer_idx], self.values[layer_idx]) if self.by_layer else (self.keys, self.values)
+        ck.index_put_(self.index, key_states.to(ck.dtype))
+        cv.index_put_(self.index, value_states.to(cv.dtype))
+        return ck[:, :, :self.width].to(key_states.dtype), cv[:, :, :self.width].to(value_states.dtype)
+
+
+def _check_positions(positions: torch.Tensor, limit: int, what: str):
+    """positions < limit, checked on the positions' device without a host sync (RuntimeError on CPU)."""
+    if positions.numel():
+        torch._assert_async(positions.max() < limit, f"a position is beyond {what} ({limit} positions)")
 
 
 class HFMTP(nn.Module):
@@ -170,6 +218,11 @@ class HFMTP(nn.Module):
     (``normal(0, initializer_range)``, zero biases, unit norms) - DynaMo found random initialisation
     better than copying layer L; ``head_norms[h-1]`` starts as a copy of the base's final norm.
     The heads live on the base's device and dtype.
+
+    ``grouped_heads`` (default False): True runs heads 2..H (when there are 2 or more of them) as one vmapped
+    call in :meth:`forward` without grad; their parameters then become views of one stacked tensor per name
+    (see :meth:`_stacked_heads`). False runs them one after another. Training (``stem_forward`` /
+    ``head_hidden``) always runs heads one by one.
     """
 
     def __init__(self, base_model: nn.Module, n_heads: int = 3, generator: Optional[torch.Generator] = None):
@@ -205,6 +258,16 @@ class HFMTP(nn.Module):
                             f"version {transformers.__version__}")
         self._cache_kwarg = names[0]
         self._n_stem = L - 1
+        # Off by default, by measurement (benchmarks/bench_hf_step.py, Pythia-160m shape, B=1, 3 heads): each
+        # head has its own weights, so grouping saves launches, not weight traffic, and vmap's dispatch costs
+        # more than that saves. H100, eager: a whole 3-head step took 6.8 vs 6.1 ms (T=1) and 7.1 vs 6.5 ms
+        # (T=3) grouped vs one by one in fp32, 7.4 vs 6.7 / 8.0 vs 7.3 ms in bf16. 2-core EPYC, 1 thread: heads
+        # 2..3 alone 6.3 vs 5.4 ms (T=1), the whole step within noise (~52 and ~100 ms either way).
+        self.grouped_heads = False
+        # vmap needs every head's layer to hold the same parameters and no buffers (a buffer would be shared
+        # by all heads); both supported families' layers qualify, a subclass adding buffers runs heads one by one
+        self._groupable = not any(True for m in (*new_layers, *new_norms) for _ in m.buffers())
+        self._stack = None  # (layer params, norm params, check) of _stacked_heads, built on first use
 
     # ---- protocol properties ---------------------------------------------------------------------
     @property
@@ -225,65 +288,183 @@ class HFMTP(nn.Module):
         return int(self.base.config.max_position_embeddings)
 
     def new_cache(self, batch_size: int, max_len: Optional[int] = None, dtype=None, device=None) -> HFKVCache:
-        """Preallocate a cache for ``batch_size`` rows and ``max_len`` positions (default: the context)."""
+        """Preallocate a cache for ``batch_size`` rows and ``max_len`` positions (default: the context).
+        Every step attends over all ``max_len`` slots (masked), so size it to what the decoding needs."""
         max_len = self.max_seq_len if max_len is None else max_len
         if max_len > self.max_seq_len:
             raise ValueError(f"cache max_len {max_len} exceeds the model's context {self.max_seq_len}")
+        parts = _parts(self.base)
         p = next(self.head_layers[0].parameters())
-        return HFKVCache(self._n_stem + self.n_heads, batch_size, max_len, dtype or p.dtype, device or p.device)
+        return HFKVCache(self._n_stem + self.n_heads, batch_size, max_len, parts.kv_heads, parts.head_dim,
+                         dtype or p.dtype, device or p.device)
 
     # ---- the pieces head_losses and forward share -----------------------------------------------
-    def _run_layer(self, layer: nn.Module, x: torch.Tensor, positions: torch.Tensor, ctx: _Context) -> torch.Tensor:
-        out = layer(x, attention_mask=ctx.mask, position_ids=positions.clamp(min=0),
-                    position_embeddings=ctx.position_embeddings, **{self._cache_kwarg: ctx.cache})
+    def _layer_kwargs(self, plan: FeedPlan, cache_obj) -> dict:
+        return {"attention_mask": plan.mask, "position_ids": plan.position_ids,
+                "position_embeddings": plan.position_embeddings, self._cache_kwarg: cache_obj}
+
+    def _run_layer(self, layer: nn.Module, x: torch.Tensor, plan: FeedPlan, cache_obj) -> torch.Tensor:
+        out = layer(x, **self._layer_kwargs(plan, cache_obj))
         return out[0] if isinstance(out, tuple) else out  # transformers < 5 returned tuples
 
+    def feed_plan(self, x: torch.Tensor, positions: torch.Tensor, cache: Optional[HFKVCache]) -> FeedPlan:
+        """The once-per-forward :class:`FeedPlan` for embeddings x (B, T, d) at positions (B, T). No host sync."""
+        _check_positions(positions, self.max_seq_len, "the model's context")
+        valid = positions >= 0  # (B, T)
+        position_ids = positions.clamp(min=0)
+        write_index = None
+        if cache is None:
+            key_pos = torch.where(valid, positions, torch.iinfo(torch.long).max)  # (B, T)
+            allowed = key_pos[:, None, None, :] <= position_ids[:, None, :, None]  # (B, 1, T, T)
+            allowed = allowed | ~valid[:, None, :, None]  # padding queries: anything (output discarded)
+        else:
+            if cache.batch_size != positions.shape[0]:
+                raise ValueError(f"the cache holds {cache.batch_size} rows, the input {positions.shape[0]}")
+            _check_positions(positions, cache.max_len, "the cache's max_len")
+            allowed = cache.slots[None, None, None, :] <= position_ids[:, None, :, None]  # (B, 1, T, max_len)
+            B, kv_heads = positions.shape[0], cache.k.shape[2]
+            slots = torch.where(valid, positions, cache.max_len)  # (B, T); padding -> the spare slot
+            write_index = (torch.arange(B, device=x.device)[:, None, None],
+                           torch.arange(kv_heads, device=x.device)[None, :, None], slots[:, None, :])
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+        mask.masked_fill_(~allowed, torch.finfo(x.dtype).min)
+        rotary = _parts(self.base).rotary(x, position_ids=position_ids)
+        return FeedPlan(positions, position_ids, rotary, mask, cache, write_index)
+
     def stem_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: Optional[HFKVCache] = None):
-        """input_ids, positions (B, T) -> (h_stem (B, T, d), context for :meth:`head_hidden`).
+        """input_ids, positions (B, T) -> (h_stem (B, T, d), the :class:`FeedPlan` for :meth:`head_hidden`).
 
         With grad enabled and a frozen stem, ``h_stem`` is made a leaf that requires grad, so the
         trainer's ``h_stem.backward(...)`` is a no-op instead of an error.
         """
-        if positions.numel() and int(positions.max()) >= self.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} is beyond the model's context {self.max_seq_len}")
         _check_attention(self.base.config)  # it may have been switched after wrapping
         parts = _parts(self.base)
         x = parts.embed(input_ids)  # (B, T, d)
         if parts.emb_dropout is not None:
             x = parts.emb_dropout(x)
-        valid = positions >= 0
-        q_pos = torch.where(valid, positions, 0)
-        if cache is None:
-            key_pos = torch.where(valid, positions, torch.iinfo(torch.long).max)  # (B, T)
-        else:
-            if positions.numel() and int(positions.max()) >= cache.max_len:
-                raise ValueError(f"position {int(positions.max())} is beyond the cache's max_len {cache.max_len}")
-            cache.begin_feed(positions)
-            key_pos = torch.arange(cache._feed[3], device=x.device).expand(x.shape[0], -1)  # slots (B, S)
-        allowed = key_pos[:, None, None, :] <= q_pos[:, None, :, None]  # (B, 1, T, S)
-        if cache is None:
-            allowed = allowed | ~valid[:, None, :, None]  # padding queries: anything (output discarded)
-        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, torch.finfo(x.dtype).min)
-        ctx = _Context(parts.rotary(x, position_ids=q_pos), mask, cache)
+        plan = self.feed_plan(x, positions, cache)
+        cache_obj = plan.writer()
         for layer in parts.layers[:-1]:
-            x = self._run_layer(layer, x, positions, ctx)
+            x = self._run_layer(layer, x, plan, cache_obj)
         if torch.is_grad_enabled() and not x.requires_grad:
             x.requires_grad_()
-        return x, ctx
+        return x, plan
 
-    def head_hidden(self, h_stem: torch.Tensor, ctx: _Context, positions: torch.Tensor, head: int,
+    def head_hidden(self, h_stem: torch.Tensor, plan: FeedPlan, positions: torch.Tensor, head: int,
                     cache: Optional[HFKVCache] = None) -> torch.Tensor:
         """Head ``head`` (0-based) on the stem output: (B, T, d) -> normed hidden (B, T, d).
-        ``cache`` is ignored: the context of :meth:`stem_forward` already carries it."""
-        x = self._run_layer(self.head_layers[head], h_stem, positions, ctx)
+        ``positions`` and ``cache`` are ignored: the plan of :meth:`stem_forward` already carries them."""
+        x = self._run_layer(self.head_layers[head], h_stem, plan, plan.writer())
         return self.head_norms[head](x)
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The base's LM head, shared by every head: (..., d) -> (..., V)."""
+        """The base's LM head module, shared by every head: (..., d) -> (..., V) in the model's dtype (training)."""
         return _parts(self.base).lm_head(hidden)
 
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The shared unembedding (the base's LM head) on hidden rows from ``forward(..., output_hidden=True)``.
+
+        Parameters
+        ----------
+        hidden : tensor, shape (..., d), the model's dtype; e.g. (B, T', heads, d) or any rows of it.
+
+        Returns
+        -------
+        logits : float32 tensor, shape (..., V), contiguous.
+
+        On CPU in float32 up to 6 rows are computed as ``W @ hidden^T``: measured on a 2-core AMD EPYC (MKL,
+        1 thread, V = 50304, d = 768, the matrix not in cache) ``F.linear`` takes ~12 ms for 1 row, ~26 ms for
+        2 and ~37 ms for 3 (MKL makes one pass over the 154 MB matrix per row below 4 rows), ``W @ hidden^T``
+        ~8 ms for 2 rows, ~11 ms for 3, ~22 ms for 6 (``F.linear`` 28 ms) and is slower from 8 rows on; a single
+        row is padded to two, as 1 row takes the slower matrix-vector path (~12 ms).
+        """
+        lm_head = _parts(self.base).lm_head
+        rows = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
+        n = rows.shape[0]
+        if (rows.device.type == "cpu" and rows.dtype == torch.float32 and 0 < n <= _SMALL_ROWS
+                and type(lm_head) is nn.Linear):
+            cols = rows if n > 1 else torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # (max(N, 2), d)
+            logits = torch.mm(lm_head.weight, cols.T).T[:n]  # (N, V), a transposed view
+            if lm_head.bias is not None:
+                logits = logits + lm_head.bias
+            logits = logits.contiguous()
+        else:
+            logits = lm_head(rows)
+        return logits.float().reshape(*hidden.shape[:-1], logits.shape[-1])
+
+    # ---- heads 2..H as one call ------------------------------------------------------------------
+    def _stacked_heads(self):
+        """(layer params, norm params, check): heads 2..H's parameters stacked on a head axis, two dicts
+        name -> (H - 1, ...), and the (module, name, data pointer) list that says whether they are current.
+
+        The stack holds the only copy: each head's parameter is made a view of its row (``p.data = stack[g]``),
+        so in-place updates (optimizer steps, ``load_heads``, ``load_state_dict``) reach the grouped call and no
+        weight is held twice. It is rebuilt when a parameter no longer is such a view (after ``.to()`` or
+        ``.cuda()``, or a parameter replaced); the check compares data pointers on the host (~10 us).
+        """
+        if self._stack is not None and all(owner._parameters[name].data_ptr() == ptr
+                                           for owner, name, ptr in self._stack[2]):
+            return self._stack
+        stacks, check = [], []
+        # not inference tensors even when the decoding loop runs under inference_mode: the parameters must
+        # stay usable by autograd (training) afterwards
+        with torch.inference_mode(False), torch.no_grad():
+            for modules in (self.head_layers[1:], self.head_norms[1:]):
+                # per head, the same order (same class and config): (full name, owning module, local name)
+                per_head = [[(f"{prefix}.{name}" if prefix else name, owner, name)
+                             for prefix, owner in m.named_modules()
+                             for name, p in owner._parameters.items() if p is not None] for m in modules]
+                stacked = {}
+                for i, (full, _, _) in enumerate(per_head[0]):
+                    owners = [entries[i][1:] for entries in per_head]  # (module, local name) of each head
+                    stacked[full] = torch.stack([owner._parameters[name].detach() for owner, name in owners])
+                    for g, (owner, name) in enumerate(owners):
+                        owner._parameters[name].data = stacked[full][g]
+                        check.append((owner, name, stacked[full][g].data_ptr()))
+                stacks.append(stacked)
+        self._stack = (*stacks, check)
+        return self._stack
+
+    def _grouped_hidden(self, h_stem: torch.Tensor, plan: FeedPlan, n: int, pick) -> torch.Tensor:
+        """Heads 2..n+1 on the stem output in one vmapped call of the family's layer and norm:
+        h_stem (B, T, d) -> normed hidden (n, B, T', d), ``pick`` choosing the T' rows (before the norm)."""
+        layer_params, norm_params, _ = self._stacked_heads()
+        if n < self.n_heads - 1:
+            layer_params = {k: v[:n] for k, v in layer_params.items()}
+            norm_params = {k: v[:n] for k, v in norm_params.items()}
+        layer, norm = self.head_layers[1], self.head_norms[1]  # templates: their own parameters are swapped out
+        first = self._n_stem + 1  # cache index of head 2's layer
+
+        def one_head(layer_p, norm_p, mask, keys, values):
+            kwargs = {**self._layer_kwargs(plan, plan.writer(keys, values)), "attention_mask": mask}
+            out = functional_call(layer, layer_p, (h_stem,), kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            return functional_call(norm, norm_p, (pick(out),))
+
+        cache = plan.cache
+        kv = (None, None) if cache is None else (cache.k[first:first + n], cache.v[first:first + n])
+        # the mask goes in batched (a stride-0 view): torch 2.11's CUDA sdpa batching rule folds the head axis
+        # into the batch of q/k/v but not of an unbatched mask ("attn_bias: wrong shape (batch dimension)")
+        mask = plan.mask.expand(n, *plan.mask.shape)  # (n, B, 1, T, S)
+        in_dims = (0, 0, 0, None, None) if cache is None else (0, 0, 0, 0, 0)
+        with warnings.catch_warnings():
+            # sdpa's CPU kernel has no vmap batching rule: vmap runs it once per head and says so; the rest batches
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+            return vmap(one_head, in_dims=in_dims, randomness="different")(layer_params, norm_params, mask, *kv)
+
+    # ---- the protocol ----------------------------------------------------------------------------
+    def _check_call(self, input_ids: torch.Tensor, positions: torch.Tensor, heads: Optional[int]) -> int:
+        heads = self.n_heads if heads is None else heads
+        if not 1 <= heads <= self.n_heads:
+            raise ValueError(f"heads must be in 1..{self.n_heads}, got {heads}")
+        if input_ids.dim() != 2 or positions.shape != input_ids.shape:
+            raise ValueError(f"input_ids and positions must both be (B, T), got {tuple(input_ids.shape)} and "
+                             f"{tuple(positions.shape)}")
+        return heads
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: Optional[HFKVCache] = None,
-                heads: Optional[int] = None, logits_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                heads: Optional[int] = None, logits_index: Optional[torch.Tensor] = None,
+                output_hidden: bool = False) -> torch.Tensor:
         """Run the model (protocol of ``models/tiny.py``).
 
         Parameters
@@ -292,22 +473,47 @@ class HFMTP(nn.Module):
         positions : LongTensor, shape (B, T); position of each token in its row, -1 for padding.
         cache : HFKVCache from :meth:`new_cache`, or None (a full causal forward over these tokens only).
         heads : int, 1..H (default H): compute heads 1..heads.
-        logits_index : LongTensor (B, T') or None: compute logits only at these indices into T.
+        logits_index : LongTensor (B, T') or None: compute outputs only at these indices into T.
+        output_hidden : bool. True returns the heads' normed hidden states instead of logits, for
+            :meth:`head_logits` to unembed only the rows the caller uses.
 
         Returns
         -------
-        logits : float32 tensor, shape (B, T or T', heads, V)
+        logits : float32 tensor, shape (B, T or T', heads, V); or with ``output_hidden``
+        hidden : tensor in the model's dtype, shape (B, T or T', heads, d).
+        ``forward(...)`` equals ``head_logits(forward(..., output_hidden=True))``.
         """
-        heads = self.n_heads if heads is None else heads
-        if not 1 <= heads <= self.n_heads:
-            raise ValueError(f"heads must be in 1..{self.n_heads}, got {heads}")
-        if input_ids.dim() != 2 or positions.shape != input_ids.shape:
-            raise ValueError(f"input_ids and positions must both be (B, T), got {tuple(input_ids.shape)} and "
-                             f"{tuple(positions.shape)}")
-        h_stem, ctx = self.stem_forward(input_ids, positions, cache)
+        heads = self._check_call(input_ids, positions, heads)
+        h_stem, plan = self.stem_forward(input_ids, positions, cache)
+        if logits_index is None:
+            def pick(x):
+                return x
+        else:
+            def pick(x):  # (B, T, d) -> (B, T', d)
+                return x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
+        head1 = self.head_norms[0](pick(self._run_layer(self.head_layers[0], h_stem, plan, plan.writer())))
+        hiddens = [head1[:, :, None]]  # (B, T', 1, d)
+        if heads > 1:
+            if self.grouped_heads and heads > 2 and self._groupable and not (
+                    torch.is_grad_enabled() and any(p.requires_grad for p in self.head_layers[1:].parameters())):
+                grouped = self._grouped_hidden(h_stem, plan, heads - 1, pick)  # (heads - 1, B, T', d)
+                hiddens.append(grouped.permute(1, 2, 0, 3))
+            else:  # one by one: the default, a single extra head, or autograd through the heads' parameters
+                for h in range(1, heads):
+                    x = self._run_layer(self.head_layers[h], h_stem, plan, plan.writer())
+                    hiddens.append(self.head_norms[h](pick(x))[:, :, None])
+        hidden = torch.cat(hiddens, dim=2)  # (B, T', heads, d)
+        return hidden if output_hidden else self.head_logits(hidden)
+
+    def _reference_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: Optional[HFKVCache] = None,
+                           heads: Optional[int] = None, logits_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The plain path :meth:`forward` is tested and benchmarked against: heads one after another, each
+        unembedded by the LM head module on every row of ``logits_index``. Same arguments; returns logits."""
+        heads = self._check_call(input_ids, positions, heads)
+        h_stem, plan = self.stem_forward(input_ids, positions, cache)
         out = []
         for h in range(heads):
-            hidden = self.head_hidden(h_stem, ctx, positions, h)  # (B, T, d)
+            hidden = self.head_hidden(h_stem, plan, positions, h)  # (B, T, d)
             if logits_index is not None:
                 hidden = hidden.gather(1, logits_index[..., None].expand(-1, -1, hidden.shape[-1]))
             out.append(self.unembed(hidden).float())
@@ -339,7 +545,9 @@ def save_heads(model: HFMTP, path: str):
         raise TypeError(f"save_heads expects an HFMTP, got {type(model).__name__}")
     meta = {"format": HEADS_FORMAT, "n_heads": str(model.n_heads), "family": type(model.base).__name__,
             "transformers_version": transformers.__version__, **_identity(model)}
-    save_file(heads_state_dict(model), str(path), metadata=meta)
+    # clone: after a grouped forward heads 2..H's parameters are views of one stacked tensor per name, and
+    # some safetensors versions refuse tensors that share a storage (0.8 accepts disjoint views)
+    save_file({k: v.clone() for k, v in heads_state_dict(model).items()}, str(path), metadata=meta)
 
 
 def load_heads(model: HFMTP, path: str, strict: bool = True) -> HFMTP:
