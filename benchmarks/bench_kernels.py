@@ -8,7 +8,8 @@ Usage::
     python benchmarks/bench_kernels.py --dtype float32 --repeats 200
 
 Per configuration (H = 3 heads, bf16 logits by default, greedy, DynamoConfig defaults with
-``k`` from the grid, co-occurrence statistics of order 3 built from a synthetic Zipf corpus):
+``k`` from the grid, co-occurrence statistics of order H built from a synthetic Zipf corpus; plus
+H = 4 at V = 50304, B in {1, 64}, k in {8, 50}: k = 50 is 6.25 M cells per row, few blocks):
 
 * ``read``: ``logits.sum()``, the time to read the logits once (a floor for any fused step);
 * ``topk_fused`` / ``topk_torch``: :func:`kernels.topk_softmax` vs ``log_softmax(x).topk(k)``;
@@ -20,11 +21,15 @@ Per configuration (H = 3 heads, bf16 logits by default, greedy, DynamoConfig def
 Timing: CUDA events on the current stream around each call, after warm-up (which includes the
 one-time NVRTC compilation, reported separately as ``compile_s``); the median over
 ``--repeats`` calls. Results: a table on stdout and JSON in
-``benchmarks/results/kernels_<device>.json``.
+``benchmarks/results/kernels_<device>.json`` (or ``--out``), rewritten after every row; a failing
+configuration is recorded under ``errors`` and the others still run (exit code 1 then). At the end
+the fused step is replayed from a CUDA graph (``graph_rows``, H = 3, V = 50304): the launch cost
+gone, and a proof that the step has no host sync (the capture would fail).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import re
@@ -46,6 +51,8 @@ H = 3
 GRID_B = (1, 8, 64, 256)
 GRID_V = (50304, 151936)
 GRID_K = (8, 50)
+GRID_H4 = {"V": 50304, "B": (1, 64), "k": (8, 50)}  # H = 4 rows (issue: dense passes over k**4 cells)
+GRAPH_V, GRAPH_B = 50304, (1, 64, 256)  # the fused step replayed from a CUDA graph
 
 
 def _median_ms(fn, repeats: int, warmup: int = 5) -> float:
@@ -63,13 +70,14 @@ def _median_ms(fn, repeats: int, warmup: int = 5) -> float:
     return statistics.median(times)
 
 
-def _stats(V: int, n_tokens: int = 2_000_000) -> CooccurrenceStats:
+@functools.cache
+def _stats(V: int, H: int, n_tokens: int = 2_000_000) -> CooccurrenceStats:
     rng = np.random.default_rng(0)
     toks = ((rng.zipf(1.1, n_tokens) - 1) % V).astype(np.int32)
     return CooccurrenceStats.build(toks, vocab_size=V, max_order=H)
 
 
-def _logits(B: int, V: int, dtype, stats: CooccurrenceStats, seed: int = 0) -> torch.Tensor:
+def _logits(B: int, H: int, V: int, dtype, stats: CooccurrenceStats, seed: int = 0) -> torch.Tensor:
     """Noise of a per-row scale plus a boosted frequent n-gram per row: rows emit 1..H tokens."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     scale = torch.tensor([0.5, 1.5, 3.0], device="cuda")[torch.randint(0, 3, (B,), generator=g, device="cuda")]
@@ -93,6 +101,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels_<device>.json)")
+    ap.add_argument("--no-h4", action="store_true", help="skip the H = 4 rows")
+    ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replays of the fused step")
     args = ap.parse_args(argv)
 
     if not kernels.cuda_available():
@@ -104,45 +114,8 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     grid_b = (1, 64) if args.quick else GRID_B
     grid_v = (50304,) if args.quick else GRID_V
-
-    t0 = time.perf_counter()
-    for src in kernels.SOURCES:
-        for name in (["topk_softmax_partial_bf16", "topk_softmax_merge"] if src.startswith("topk")
-                     else ["dynamo_step_kernel"]):
-            kernels._cupy_function(src, name, torch.cuda.current_device())
-    compile_s = time.perf_counter() - t0
-
-    rows = []
-    header = (f"{'B':>4} {'V':>7} {'k':>3} | {'read':>7} | {'topk_fused':>10} {'topk_torch':>10} | "
-              f"{'step_fused':>10} {'step_torch':>10} {'speed-up':>8} | {'agree':>6}")
-    print(f"device: {torch.cuda.get_device_name()}  dtype: {args.dtype}  H={H}  (median ms of {args.repeats})")
-    print(f"first compile (NVRTC, all kernels): {compile_s:.2f} s")
-    print(header)
-    print("-" * len(header))
-    for V in grid_v:
-        stats = _stats(V)
-        for B in grid_b:
-            x = _logits(B, V, dtype, stats)
-            for k in GRID_K:
-                cfg = policy.DynamoConfig(k=k)
-                read = _median_ms(lambda: x.sum(), args.repeats)
-                topk_fused = _median_ms(lambda: kernels.topk_softmax(x, k), args.repeats)
-                topk_torch = _median_ms(lambda: torch.log_softmax(x.float(), -1).topk(k, -1), args.repeats)
-                step_fused = _median_ms(lambda: kernels.cuda_dynamo_step(x, cfg, stats=stats), args.repeats)
-                step_torch = _median_ms(lambda: policy.dynamo_step(x, cfg, stats=stats), args.repeats)
-                a = kernels.cuda_dynamo_step(x, cfg, stats=stats)
-                b = policy.dynamo_step(x, cfg, stats=stats)
-                agree = ((a.n == b.n) & (a.tokens == b.tokens).all(-1)).float().mean().item()
-                n_hist = torch.bincount(b.n, minlength=H + 1)[1:].tolist()
-                row = {"B": B, "V": V, "H": H, "k": k, "dtype": args.dtype, "read_ms": read,
-                       "topk_fused_ms": topk_fused, "topk_torch_ms": topk_torch, "step_fused_ms": step_fused,
-                       "step_torch_ms": step_torch, "agree": agree, "reference_n_histogram": n_hist}
-                rows.append(row)
-                print(f"{B:>4} {V:>7} {k:>3} | {read:7.3f} | {topk_fused:10.3f} {topk_torch:10.3f} | "
-                      f"{step_fused:10.3f} {step_torch:10.3f} {step_torch / step_fused:7.1f}x | {agree:6.3f}")
-            del x
-        del stats
-
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"kernels_{_device_slug()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     import cupy
 
     result = {
@@ -154,15 +127,113 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "dtype": args.dtype,
         "repeats": args.repeats,
-        "compile_s": compile_s,
-        "config": "DynamoConfig defaults except k; greedy; statistics of order 3 (Zipf(1.1) corpus, 2M tokens)",
-        "rows": rows,
+        "compile_s": None,
+        "config": "DynamoConfig defaults except k; greedy; statistics of order H (Zipf(1.1) corpus, 2M tokens)",
+        "compile_options": list(kernels.compile_options()),
+        "notes": {"graph_rows": "the fused step replayed from a CUDA graph (capture fails on a host sync)",
+                  "agree": "rows where fused and torch steps decide alike; torch.topk breaks bf16 ties in its "
+                           "own order, so ties can lower it"},
+        "rows": [],
+        "graph_rows": [],
+        "errors": [],
     }
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"kernels_{_device_slug()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    def save():  # after every row: a run cut short by a timeout still leaves its numbers
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+    t0 = time.perf_counter()
+    try:
+        for src in kernels.SOURCES:
+            for name in (["topk_softmax_partial_bf16", "topk_softmax_merge"] if src.startswith("topk")
+                         else ["dynamo_step_kernel"]):
+                kernels._cupy_function(src, name, torch.cuda.current_device())
+    except Exception as e:  # an NVRTC error: nothing else can run
+        result["errors"].append({"where": "compile", "error": f"{type(e).__name__}: {e}"})
+        save()
+        print(f"compile failed: {type(e).__name__}: {e}")
+        return 1
+    result["compile_s"] = compile_s = time.perf_counter() - t0
+
+    header = (f"{'H':>2} {'B':>4} {'V':>7} {'k':>3} | {'read':>7} | {'topk_fused':>10} {'topk_torch':>10} | "
+              f"{'step_fused':>10} {'step_torch':>10} {'speed-up':>8} | {'agree':>6}")
+    print(f"device: {torch.cuda.get_device_name()}  dtype: {args.dtype}  (median ms of {args.repeats})")
+    print(f"first compile (NVRTC, all kernels): {compile_s:.2f} s")
+    print(header)
+    print("-" * len(header))
+    grid = [(H, V, grid_b, GRID_K) for V in grid_v]
+    if not args.no_h4:
+        grid.append((4, GRID_H4["V"], GRID_H4["B"], GRID_H4["k"]))
+    for H_, V, batch_sizes, ks in grid:
+        stats = _stats(V, H_)
+        for B in batch_sizes:
+            x = _logits(B, H_, V, dtype, stats)
+            for k in ks:
+                try:
+                    row = _measure(x, k, stats, args.dtype, args.repeats)
+                except Exception as e:
+                    err = {"H": H_, "B": B, "V": V, "k": k, "error": f"{type(e).__name__}: {e}"}
+                    result["errors"].append(err)
+                    save()
+                    print(f"{H_:>2} {B:>4} {V:>7} {k:>3} | failed: {err['error']}")
+                    continue
+                result["rows"].append(row)
+                save()
+                print(f"{H_:>2} {B:>4} {V:>7} {k:>3} | {row['read_ms']:7.3f} | {row['topk_fused_ms']:10.3f} "
+                      f"{row['topk_torch_ms']:10.3f} | {row['step_fused_ms']:10.3f} "
+                      f"{row['step_torch_ms']:10.3f} {row['step_torch_ms'] / row['step_fused_ms']:7.1f}x | "
+                      f"{row['agree']:6.3f}")
+            del x
+    if not args.no_graph:  # last: a failed capture could leave the context unusable for what follows
+        print("fused step replayed from a CUDA graph (H = 3, V = 50304):")
+        stats = _stats(GRAPH_V, H)
+        for B in GRAPH_B:
+            x = _logits(B, H, GRAPH_V, dtype, stats)
+            for k in GRID_K:
+                ms, why = _graph_ms(lambda: kernels.cuda_dynamo_step(x, policy.DynamoConfig(k=k), stats=stats),
+                                    args.repeats)
+                result["graph_rows"].append({"B": B, "V": GRAPH_V, "H": H, "k": k, "step_graph_ms": ms,
+                                             "error": why})
+                save()
+                print(f"   B={B:>4} k={k:>2}: " + (f"{ms:.3f} ms" if ms is not None else f"capture failed: {why}"))
+    save()
     print(f"wrote {out}")
-    return 0
+    print(json.dumps({"bench": "kernels", "out": str(out), "rows": len(result["rows"]),
+                      "errors": len(result["errors"]), "compile_s": round(compile_s, 3)}))
+    return 1 if result["errors"] else 0
+
+
+def _graph_ms(fn, repeats: int):
+    """(median ms of ``fn`` replayed from a CUDA graph, None) or (None, why the capture failed)."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()  # warm the caches (device tables) on the capture stream's allocator pool
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return _median_ms(graph.replay, repeats), None
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _measure(x: torch.Tensor, k: int, stats, dtype_name: str, repeats: int) -> dict:
+    B, H_, V = x.shape
+    cfg = policy.DynamoConfig(k=k)
+    read = _median_ms(lambda: x.sum(), repeats)
+    topk_fused = _median_ms(lambda: kernels.topk_softmax(x, k), repeats)
+    topk_torch = _median_ms(lambda: torch.log_softmax(x.float(), -1).topk(k, -1), repeats)
+    step_fused = _median_ms(lambda: kernels.cuda_dynamo_step(x, cfg, stats=stats), repeats)
+    step_torch = _median_ms(lambda: policy.dynamo_step(x, cfg, stats=stats), repeats)
+    a = kernels.cuda_dynamo_step(x, cfg, stats=stats)
+    b = policy.dynamo_step(x, cfg, stats=stats)
+    agree = ((a.n == b.n) & (a.tokens == b.tokens).all(-1)).float().mean().item()
+    return {"B": B, "V": V, "H": H_, "k": k, "dtype": dtype_name, "read_ms": read,
+            "topk_fused_ms": topk_fused, "topk_torch_ms": topk_torch, "step_fused_ms": step_fused,
+            "step_torch_ms": step_torch,
+            "agree": agree, "fused_n_histogram": torch.bincount(a.n, minlength=H_ + 1)[1:].tolist(),
+            "reference_n_histogram": torch.bincount(b.n, minlength=H_ + 1)[1:].tolist()}
 
 
 if __name__ == "__main__":

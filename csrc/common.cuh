@@ -35,6 +35,9 @@ __device__ __forceinline__ double neg_inf_d() {
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
+// NaN -> -inf (x != x holds only for NaN, with or without -ftz); other values unchanged.
+__device__ __forceinline__ float nan_to_neg_inf(float x) { return x != x ? neg_inf_f() : x; }
+
 // Integer power for small exponents (cell counts k**n).
 __device__ __forceinline__ i64 ipow(i64 base, int e) {
   i64 r = 1;
@@ -42,7 +45,9 @@ __device__ __forceinline__ i64 ipow(i64 base, int e) {
   return r;
 }
 
-// The one ordering used everywhere: larger value first, then lower index.
+// The one ordering used everywhere: larger value first, then lower index. Values are never NaN:
+// topk_softmax reads a NaN logit as -inf (see nan_to_neg_inf), and everything downstream is
+// computed from its lists.
 template <typename T>
 __device__ __forceinline__ bool better(T va, int ia, T vb, int ib) {
   return va > vb || (va == vb && ia < ib);
@@ -164,7 +169,14 @@ __device__ __forceinline__ U32x4 philox4x32_10(U32x4 c, u32 k0, u32 k1) {
   return c;
 }
 
-// Uniform in the open interval (0, 1) with 53 random bits: (m + 1/2) * 2^-53.
+// Uniform in the open interval (0, 1) from two random words: (m + 1/2) * 2^-52 with m the top 52
+// bits. Every step is exact in float64 (m + 1/2 needs 53 significant bits), so the result lies in
+// [2^-53, 1 - 2^-53]: never 0 and never 1. (With 53 bits, (2^53 - 1/2) rounds to 2^53 and u = 1.)
+__device__ __forceinline__ double uniform_from_bits(u32 hi, u32 lo) {
+  const u64 m = (static_cast<u64>(hi >> 6) << 26) | static_cast<u64>(lo >> 6);  // 52 bits
+  return (static_cast<double>(m) + 0.5) * 0x1p-52;
+}
+
 __device__ __forceinline__ double uniform_open(u64 seed, u64 offset, u32 a, u32 b, u32 tag) {
   U32x4 c;
   c.v[0] = a;
@@ -172,13 +184,15 @@ __device__ __forceinline__ double uniform_open(u64 seed, u64 offset, u32 a, u32 
   c.v[2] = static_cast<u32>(offset) + tag;
   c.v[3] = static_cast<u32>(offset >> 32);
   const U32x4 r = philox4x32_10(c, static_cast<u32>(seed), static_cast<u32>(seed >> 32));
-  const u64 m = (static_cast<u64>(r.v[0] >> 5) << 26) | static_cast<u64>(r.v[1] >> 6);  // 53 bits
-  return (static_cast<double>(m) + 0.5) * 1.1102230246251565e-16;                      // 2^-53
+  return uniform_from_bits(r.v[0], r.v[1]);
 }
 
-// Exp(1) variate, strictly positive: -log1p(-u) as in policy.draw.
+// Exp(1) variate from a uniform of uniform_open: -log1p(-u) as in policy.draw; strictly positive
+// and finite (at most 53 ln 2 ~ 36.7), so J / E is always a finite score.
+__device__ __forceinline__ double exp1_from_uniform(double u) { return -log1p(-u); }
+
 __device__ __forceinline__ double exp1(u64 seed, u64 offset, u32 a, u32 b, u32 tag) {
-  return -log1p(-uniform_open(seed, offset, a, b, tag));
+  return exp1_from_uniform(uniform_open(seed, offset, a, b, tag));
 }
 
 __device__ __forceinline__ void load_seed(const i64* seed_ptr, i64 seed_arg, i64 offset_arg, u64* seed,

@@ -4,7 +4,8 @@
 //   topk_softmax_partial_{f32,bf16,f16}  grid (B*H, S), S splits of the vocabulary
 //   topk_softmax_merge                   grid (B*H), only when S > 1
 //
-// Per element x = logit / temperature (IEEE division, as torch does on the CPU). A block keeps
+// Per element x = logit / temperature (IEEE division, as torch does on the CPU; a NaN result
+// counts as -inf, so every list entry is a real index < V and NaN never reaches the step). A block keeps
 // the running maximum and the sum of exp(x - max) (accumulated in double), the k best
 // (x, index) pairs under "larger x first, then lower index", and optionally the Gumbel-max draw
 // argmax_i x_i - log(E_i), E_i ~ Exp(1) from Philox (head 1 only: the n = 1 sampler over the
@@ -108,7 +109,7 @@ __device__ void topk_partial(const typename L::T* __restrict__ logits, i64 strid
   double gs = neg_inf_d();
   int gi = kNoIndex;
   for (int i = lo + static_cast<int>(threadIdx.x); i < hi; i += blockDim.x) {
-    const float v = L::get(x, i) / temperature;
+    const float v = nan_to_neg_inf(L::get(x, i) / temperature);
     if (v > m) {
       s = s * static_cast<double>(expf(m - v)) + 1.0;
       m = v;

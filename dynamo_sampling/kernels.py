@@ -14,6 +14,8 @@ Public functions:
   full softmax, in one pass over the vocabulary.
 * :func:`cuda_dynamo_step` -- :func:`dynamo_sampling.policy.dynamo_step` (same signature, same
   :class:`~dynamo_sampling.policy.StepOutput`) in two to three kernel launches.
+* :func:`compile_options` -- the NVRTC options the kernels end up compiled with (CuPy adds
+  ``-ftz=true``: float32 subnormals flush to zero on the GPU); the compile tests use them.
 
 Importing this module never imports CuPy; that happens at the first kernel call.
 """
@@ -41,6 +43,7 @@ __all__ = [
     "topk_softmax",
     "cuda_dynamo_step",
     "kernel_source",
+    "compile_options",
     "csrc_dir",
 ]
 
@@ -53,15 +56,27 @@ HMAX = 4  # most heads (csrc/dynamo_step.cu kMaxH)
 MAX_BINS = 4096  # Otsu histogram bins (csrc/dynamo_step.cu kMaxBins)
 MAX_CELLS = 1 << 24  # k ** H
 
-#: Compile options handed to NVRTC.
-NVRTC_OPTIONS = ("-std=c++17",)
+#: Compile options handed to ``cupy.RawModule``. ``--fmad=false``: no multiply-add contraction, so
+#: the arithmetic is the one written (as the emulation's ``-ffp-contract=off``).
+NVRTC_OPTIONS = ("-std=c++17", "--fmad=false")
+#: What CuPy appends to every NVRTC compile after the caller's options (``_compile_with_cache_cuda``).
+#: NVRTC keeps the last ``-ftz``, so the kernels always run with float32 subnormals flushed to zero:
+#: a bfloat16 logit below 2**-126 in magnitude reads as a signed zero, a probability or joint cell
+#: below it becomes 0 (csrc/NOTES.md "Floating point"). The tests compile with the same flags.
+CUPY_APPENDED_OPTIONS = ("-ftz=true",)
 SOURCES = ("topk_softmax.cu", "dynamo_step.cu")
 
 TOPK_THREADS = 256
 STEP_THREADS = 256
 MIN_CHUNK = 2048  # smallest vocabulary slice worth a block of its own
 MAX_SPLITS = 128  # most vocabulary slices per row (the merge block has one thread per slice)
-SCRATCH_BUDGET = 1 << 30  # bytes of per-block scratch of the step kernel; fewer blocks beyond it
+# The step kernel's scratch (J, and its blurred copy) is per block, and blocks stride over the rows,
+# so the grid is capped twice: by what can be resident (more blocks only queue: 2048 threads per SM
+# are 8 blocks of 256) and by a byte budget (H=3, k=50 with the blur: 1 MB a block, 256 blocks;
+# H=4, k=50: 50 MB a block, 5 blocks). The buffer comes from torch's caching allocator, which hands
+# the same memory back on the next call.
+STEP_BLOCKS_PER_SM = 8
+SCRATCH_BUDGET = 256 << 20  # bytes
 
 _TOPK_KERNELS = {
     torch.float32: "topk_softmax_partial_f32",
@@ -170,6 +185,12 @@ def kernel_source(name: str) -> str:
 
 
 # ---------------------------------------------------------------- launching
+
+
+def compile_options() -> Tuple[str, ...]:
+    """The NVRTC options the kernels are compiled with on the GPU: :data:`NVRTC_OPTIONS` followed by
+    what CuPy appends (:data:`CUPY_APPENDED_OPTIONS`). The compile tests use exactly these."""
+    return NVRTC_OPTIONS + CUPY_APPENDED_OPTIONS
 
 
 @functools.cache
@@ -341,7 +362,9 @@ def topk_softmax(logits: torch.Tensor, k: int, temperature: float = 1.0, *, out=
     -------
     probs : float32 (B, H, k), ``softmax(logits / temperature)`` at the top-k, descending.
     ids : int64 (B, H, k). Ties are broken by the lower index (``torch.topk`` leaves them unspecified).
-        A row that is entirely ``-inf`` gives probabilities 0 (torch: NaN).
+        A row that is entirely ``-inf`` gives probabilities 0 (torch: NaN). NaN logits count as
+        ``-inf`` (torch's softmax would make the whole row NaN), so every id is a real token.
+        Float32 subnormals are flushed to zero (:data:`CUPY_APPENDED_OPTIONS`).
     """
     _require_cuda(logits, "topk_softmax")
     _check_topk_args(logits, k)
@@ -417,6 +440,13 @@ def _unsupported(head_logits, cfg, stats, do_sample, top_k, first_tokens) -> Opt
     return None
 
 
+def _step_blocks(B: int, scratch_floats_per_block: int, num_sms: int) -> int:
+    """Blocks of the step kernel (each strides over rows ``b, b + blocks, ...``): at most one per row,
+    :data:`STEP_BLOCKS_PER_SM` per SM and :data:`SCRATCH_BUDGET` bytes of float32 scratch in all."""
+    by_budget = SCRATCH_BUDGET // (4 * scratch_floats_per_block)
+    return max(1, min(B, STEP_BLOCKS_PER_SM * max(1, num_sms), by_budget, 65535))
+
+
 _WARNED = set()
 
 
@@ -489,9 +519,9 @@ def _dynamo_step_impl(head_logits: torch.Tensor, cfg: DynamoConfig, launcher, *,
     side = math.exp(-1.0 / (2 * cfg.blur_sigma * cfg.blur_sigma)) if blur else 0.0
     tap_side, tap_center = side / (1 + 2 * side), 1.0 / (1 + 2 * side)
 
-    # scratch: J (+ its blurred copy) per block; blocks loop over rows beyond the budget
+    # scratch: J (+ its blurred copy) per block; blocks loop over rows beyond the cap
     per_block = (2 if blur else 1) * k ** H
-    blocks = max(1, min(B, SCRATCH_BUDGET // (4 * per_block), 65535))
+    blocks = _step_blocks(B, per_block, launcher.num_sms)
     scratch = torch.empty((blocks * per_block,), dtype=torch.float32, device=dev)
 
     seed_t, seed_arg, offset_arg = seeds
@@ -523,7 +553,9 @@ def cuda_dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats=None
     CUDA tensor (float32, bfloat16 or float16). One ``torch.randint`` call on ``generator`` seeds
     every draw of the step (Philox4x32-10 on the device), so results are reproducible for a seeded
     generator but not draw-for-draw equal to the torch reference's. Differences from the reference
-    (csrc/NOTES.md): ties in the top-k lists go to the lower token id; statistics must satisfy
+    (csrc/NOTES.md): ties in the top-k lists go to the lower token id; NaN logits count as ``-inf``
+    (the reference gives NaN probabilities, and ``sample`` rejects NaN logits before any step);
+    float32 subnormals are flushed to zero; statistics must satisfy
     :func:`~dynamo_sampling.policy.check_stats` (same vocabulary, ``max_order >= H``). Configurations
     outside the kernels' limits (k > 64, H > 4, top_k > 64 for the n = 1 sampler, more than 4096
     Otsu bins, statistics without sorted tables, other dtypes) run the torch reference, with a

@@ -11,14 +11,24 @@ Three layers of checks:
 * GPU (skipped unless :func:`dynamo_sampling.kernels.cuda_available`): the same comparisons at
   realistic sizes through CuPy/NVRTC.
 
+Every compile here uses the GPU's flags (``kernels.compile_options()``: CuPy appends ``-ftz=true``),
+and the emulation flushes float32 subnormals the same way (``EmuLauncher(ftz=True)``).
+
 Tolerances (csrc/NOTES.md): top-k values and ids are exact (ties: lower index first);
-probabilities within rtol 2e-5; greedy decisions equal except rows whose reference decision
-itself flips under a 1e-5 perturbation of the logits (a rounding boundary); sampled outcomes
-pass a chi-square test at p > 1e-6 against the exact target or the reference's draws.
+probabilities within rtol 2e-5; greedy decisions equal to the reference's run with the same tie
+order (:func:`_reference_step`) except rows whose reference decision itself flips under a 1e-5
+perturbation of the logits (a rounding boundary); sampled outcomes pass a chi-square test at
+p > 1e-6 against the exact target or the reference's draws.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import ctypes.util
+import json
+import math
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,12 +64,20 @@ def test_csrc_has_the_kernels():
     assert {p.name for p in CU_FILES} >= set(kernels.SOURCES)
 
 
+def test_compile_options_are_cupys():
+    """What the GPU compiles with: ours, then CuPy's forced -ftz=true (NVRTC keeps the last -ftz)."""
+    opts = kernels.compile_options()
+    assert opts[:len(kernels.NVRTC_OPTIONS)] == kernels.NVRTC_OPTIONS
+    assert [o for o in opts if o.startswith("-ftz")][-1] == "-ftz=true"
+    assert "--fmad=false" in opts  # the emulation compiles with -ffp-contract=off
+
+
 @pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
 def test_nvcc_compiles_for_sm90_without_warnings(cu, tmp_path):
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (neither on PATH nor /usr/local/cuda/bin/nvcc)")
-    cmd = [nvcc, "-std=c++17", "-arch=sm_90", "-c", "-o", str(tmp_path / (cu.stem + ".o")), str(cu),
+    cmd = [nvcc, *kernels.compile_options(), "-arch=sm_90", "-c", "-o", str(tmp_path / (cu.stem + ".o")), str(cu),
            "--Werror", "all-warnings"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}\n{r.stderr}"
@@ -79,16 +97,81 @@ def test_loader_text_is_self_contained_and_compiles(name, tmp_path):
         pytest.skip("nvcc not found")
     f = tmp_path / "nvrtc_text.cu"
     f.write_text(src)
-    r = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-ptx", "-o", str(tmp_path / "x.ptx"), str(f),
-                        "--Werror", "all-warnings"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([nvcc, *kernels.compile_options(), "-arch=sm_90", "-ptx", "-o", str(tmp_path / "x.ptx"),
+                        str(f), "--Werror", "all-warnings"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     # the #line directives point compiler messages at the real file
     bad = src.replace("return r;\n}\n\nstruct OpSum", "return r;\n}\n\nstruct OpSum syntax error here", 1)
     assert bad != src
     f.write_text(bad)
-    r = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-ptx", "-o", str(tmp_path / "y.ptx"), str(f)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run([nvcc, *kernels.compile_options(), "-arch=sm_90", "-ptx", "-o", str(tmp_path / "y.ptx"),
+                        str(f)], capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "common.cuh" in r.stderr, r.stderr
+
+
+def _nvrtc_library():
+    """Path of libnvrtc for compile-only checks (no GPU needed), or None: ``$NVRTC_LIBRARY``, the
+    nvidia-cuda-nvrtc wheel that torch and CuPy use (``site-packages/nvidia/cu13/lib``), the loader's path."""
+    cands = [Path(os.environ["NVRTC_LIBRARY"])] if os.environ.get("NVRTC_LIBRARY") else []
+    for base in sys.path:
+        for sub in ("nvidia/cu13/lib", "nvidia/cuda_nvrtc/lib"):
+            cands += sorted((Path(base or ".") / sub).glob("libnvrtc.so.*"))
+    files = [str(c) for c in cands if c.is_file()]
+    return files[0] if files else ctypes.util.find_library("nvrtc")  # a soname the loader resolves
+
+
+# Runs in a child process: the builtins library is loaded globally (libnvrtc opens it by name, which
+# fails when its folder is not on the loader's path), and that must not leak into the test process,
+# where CuPy may load another NVRTC.
+_NVRTC_CHILD = r"""
+import ctypes, json, sys
+from pathlib import Path
+path, options = sys.argv[1], json.loads(sys.argv[2])
+for b in sorted(Path(path).parent.glob("libnvrtc-builtins.so.*")):
+    if ".alt." not in b.name:
+        ctypes.CDLL(str(b), mode=ctypes.RTLD_GLOBAL)
+lib = ctypes.CDLL(path)
+src = sys.stdin.read().encode()
+prog = ctypes.c_void_p()
+assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"kernels.cu", 0, None, None) == 0
+opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
+rc = lib.nvrtcCompileProgram(prog, len(options), opts)
+size = ctypes.c_size_t()
+lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+log = ctypes.create_string_buffer(size.value)
+lib.nvrtcGetProgramLog(prog, log)
+ptx = b""
+if rc == 0:
+    lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+    buf = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetPTX(prog, buf)
+    ptx = buf.value
+lib.nvrtcDestroyProgram(ctypes.byref(prog))
+print(json.dumps({"rc": rc, "log": log.value.decode(errors="replace"), "ptx": ptx.decode(errors="replace")}))
+"""
+
+
+def _nvrtc_compile(lib_path: str, src: str, options) -> dict:
+    """{"rc", "log", "ptx"} of NVRTC on ``src`` (in a child process)."""
+    r = subprocess.run([sys.executable, "-c", _NVRTC_CHILD, lib_path, json.dumps(list(options))], input=src,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("name", kernels.SOURCES)
+def test_nvrtc_compiles_the_loader_text_with_the_gpu_options(name):
+    """The compiler CuPy calls, with the options it ends up with: no warning, and the float32
+    arithmetic really flushes subnormals (the documented difference from torch)."""
+    lib = _nvrtc_library()
+    if lib is None:
+        pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc, or set NVRTC_LIBRARY)")
+    r = _nvrtc_compile(lib, kernels.kernel_source(name), [*kernels.compile_options(), "-arch=compute_90"])
+    assert r["rc"] == 0, r["log"]
+    assert "warning" not in r["log"].lower(), r["log"]
+    f32 = [ln.split()[0] for ln in r["ptx"].splitlines()
+           if re.match(r"\s*(mul|add|sub|div|max|min|setp)\.[\w.]*f32\s", ln)]
+    assert f32 and all(".ftz." in op for op in f32), sorted(set(f32))
 
 
 def test_line_directive_escapes_the_path():
@@ -305,14 +388,55 @@ def _assert_topk_matches(probs, ids, logits, k, temperature, rtol=2e-5):
     assert bool((probs[~finite] == 0).all())
 
 
+_TORCH_TOPK = (torch.topk, torch.Tensor.topk)
+
+
+def _topk_lower_index_first(input, k, dim=-1, largest=True, sorted=True):
+    """``torch.topk`` with its tie order made explicit, the kernels' rule: larger value first, then the
+    lower index (a stable descending sort). ``torch.topk`` promises no order among ties, and bf16
+    logits are full of them."""
+    if not largest:
+        return _TORCH_TOPK[0](input, k, dim=dim, largest=largest, sorted=sorted)
+    values, indices = torch.sort(input, dim=dim, descending=True, stable=True)
+    return torch.return_types.topk((values.narrow(dim, 0, k).contiguous(), indices.narrow(dim, 0, k).contiguous()))
+
+
+@contextlib.contextmanager
+def _explicit_tie_order():
+    torch.topk, torch.Tensor.topk = _topk_lower_index_first, _topk_lower_index_first
+    try:
+        yield
+    finally:
+        torch.topk, torch.Tensor.topk = _TORCH_TOPK
+
+
+def _reference_step(logits, cfg, **kwargs):
+    """``policy.dynamo_step`` with the kernels' tie order in its top-k lists: on tied logits (bf16) the
+    lists, hence the cells, their order and the drafts, are then the kernels' and not an accident of
+    ``torch.topk``'s implementation."""
+    with _explicit_tie_order():
+        return policy.dynamo_step(logits, cfg, **kwargs)
+
+
+def test_reference_tie_order_is_explicit():
+    x = torch.tensor([[3.0, 1.0, 3.0, 2.0, 3.0, 1.0, 1.0]]).repeat(2, 1)
+    x[1] = 0.5  # all tied
+    with _explicit_tie_order():
+        top = x.topk(5, dim=-1)
+        assert torch.topk(x, 5).indices.tolist() == top.indices.tolist()
+    assert top.indices.tolist() == [[0, 2, 4, 3, 1], [0, 1, 2, 3, 4]]
+    assert top.values.tolist() == [[3.0, 3.0, 3.0, 2.0, 1.0], [0.5] * 5]
+    assert torch.Tensor.topk is _TORCH_TOPK[1] and torch.topk is _TORCH_TOPK[0]  # restored
+
+
 def _decisions_differ(a, b):
     return (a.n != b.n) | (a.tokens != b.tokens).any(-1)
 
 
 def _assert_step_matches(out, logits, ref_kwargs, cfg, max_fragile=0.05, draft_atol=2e-5):
-    """Greedy decisions equal to the reference's, except rows where the reference itself flips
-    under a 1e-5 perturbation of the logits (decisions on a rounding boundary)."""
-    ref = policy.dynamo_step(logits, cfg, **ref_kwargs)
+    """Greedy decisions equal to the reference's (same tie order), except rows where the reference
+    itself flips under a 1e-5 perturbation of the logits (decisions on a rounding boundary)."""
+    ref = _reference_step(logits, cfg, **ref_kwargs)
     B, H, _ = logits.shape
     assert out.tokens.shape == (B, H) and out.n.shape == (B,)
     k = ref.topk_ids.shape[-1]
@@ -323,7 +447,7 @@ def _assert_step_matches(out, logits, ref_kwargs, cfg, max_fragile=0.05, draft_a
         fragile = torch.zeros_like(bad)
         for _ in range(3):
             noisy = logits.float() + 1e-5 * torch.randn(logits.shape, generator=g, device=logits.device)
-            fragile |= _decisions_differ(policy.dynamo_step(noisy, cfg, **ref_kwargs), ref)
+            fragile |= _decisions_differ(_reference_step(noisy, cfg, **ref_kwargs), ref)
         unexplained = bad & ~fragile
         rows = unexplained.nonzero().flatten().tolist()
         assert not rows, (f"rows {rows}: kernel n={out.n[rows].tolist()} tokens={out.tokens[rows].tolist()}; "
@@ -341,10 +465,19 @@ def _assert_step_matches(out, logits, ref_kwargs, cfg, max_fragile=0.05, draft_a
     return ref
 
 
+def _chi2_sf(stat: float, dof: int) -> float:
+    """Survival function of the chi-square distribution (torch only: the GPU image may lack scipy)."""
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def test_chi2_sf():
+    assert _chi2_sf(6.0, 5) == pytest.approx(0.30621891841327875, rel=1e-12)  # scipy.stats.chi2.sf(6, 5)
+    assert _chi2_sf(0.0, 3) == 1.0 and _chi2_sf(200.0, 3) < 1e-40
+
+
 def _chi2_pvalue_gof(counts: np.ndarray, probs: np.ndarray) -> float:
     """Goodness of fit of observed counts to probabilities (categories with expected < 5 pooled)."""
-    from scipy.stats import chi2
-
     N = counts.sum()
     exp = probs * N
     big = exp >= 5
@@ -353,13 +486,11 @@ def _chi2_pvalue_gof(counts: np.ndarray, probs: np.ndarray) -> float:
     keep = ex > 0
     obs, ex = obs[keep], ex[keep]
     stat = ((obs - ex) ** 2 / ex).sum()
-    return float(chi2.sf(stat, max(len(ex) - 1, 1)))
+    return _chi2_sf(float(stat), max(len(ex) - 1, 1))
 
 
 def _chi2_pvalue_two_sample(a: dict, b: dict) -> float:
     """Two-sample chi-square on outcome counts (outcomes with fewer than 10 hits in total pooled)."""
-    from scipy.stats import chi2
-
     Na, Nb = sum(a.values()), sum(b.values())
     keys = set(a) | set(b)
     rows, pool = [], [0, 0]
@@ -376,7 +507,7 @@ def _chi2_pvalue_two_sample(a: dict, b: dict) -> float:
         return 1.0
     ka, kb = np.sqrt(Nb / Na), np.sqrt(Na / Nb)
     stat = sum((ka * x - kb * y) ** 2 / (x + y) for x, y in rows)
-    return float(chi2.sf(stat, len(rows) - 1))
+    return _chi2_sf(float(stat), len(rows) - 1)
 
 
 def _outcomes(out) -> dict:
@@ -417,10 +548,12 @@ _CT = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_
 
 
 class EmuLauncher:
-    """kernels.py's launcher interface over the host emulation (CPU tensors, raw host pointers)."""
+    """kernels.py's launcher interface over the host emulation (CPU tensors, raw host pointers).
+    ``ftz``: float32 subnormals flushed to zero during the launch, as the GPU build does."""
 
-    def __init__(self, lib, threads=32, num_sms=1, reverse=False):
+    def __init__(self, lib, threads=32, num_sms=1, reverse=False, ftz=True):
         self.lib, self.max_threads, self.num_sms, self.reverse = lib, threads, num_sms, reverse
+        self.ftz = ftz
         self.calls = []
 
     def launch(self, source, name, grid, block, args):
@@ -429,6 +562,7 @@ class EmuLauncher:
         argv = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
         self.calls.append((name, tuple(grid), tuple(block)))
         self.lib.emu_set_reverse(int(self.reverse))
+        self.lib.emu_set_ftz(int(self.ftz))  # a host without SSE control bits stays IEEE (tests skip)
         rc = self.lib.emu_launch(name.encode(), grid[0], grid[1], grid[2], block[0], argv)
         assert rc == 0, f"emulated launch of {name} failed with {rc}"
 
@@ -444,7 +578,8 @@ def emu(tmp_path_factory):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     lib = ctypes.CDLL(str(so))
-    lib.emu_uniform.restype = ctypes.c_double
+    for fn in (lib.emu_uniform, lib.emu_uniform_from_bits, lib.emu_exp1_from_bits):
+        fn.restype = ctypes.c_double
     return lib
 
 
@@ -514,8 +649,22 @@ def test_emu_topk_ties_and_neg_inf(emu):
         assert ids[4, 0].tolist() == [3, 7, 11, 15, 19, 23, 27, 31]
 
 
-def test_emu_topk_half_precision_conversion(emu):
-    """bf16 / fp16 bit patterns (normal, subnormal, zero, inf) read exactly as torch converts them."""
+def _require_ftz(emu, ftz: bool):
+    if ftz and emu.emu_set_ftz(1) != 1:
+        pytest.skip("this host cannot flush subnormals (no SSE control register)")
+
+
+def _flush_subnormals(x: torch.Tensor) -> torch.Tensor:
+    """float32 values as the GPU build reads them (-ftz=true): subnormals become a zero of their sign."""
+    x = x.float()
+    return torch.where(x.abs() < torch.finfo(torch.float32).tiny, x * 0.0, x)
+
+
+@pytest.mark.parametrize("ftz", [True, False], ids=["ftz", "ieee"])
+def test_emu_topk_half_precision_conversion(emu, ftz):
+    """bf16 / fp16 bit patterns (normal, subnormal, zero, inf) read exactly as torch converts them, except
+    that the GPU build (ftz) reads a bf16 value below 2**-126 in magnitude as a zero of its sign."""
+    _require_ftz(emu, ftz)
     for dtype in (torch.float16, torch.bfloat16):
         bits = torch.randint(0, 1 << 16, (4096,), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
         x = bits.to(torch.int16).view(dtype).float()
@@ -524,11 +673,172 @@ def test_emu_topk_half_precision_conversion(emu):
         special = torch.tensor([0.0, -0.0, finfo.tiny, finfo.tiny / 4, -finfo.tiny / 8, finfo.max, -finfo.max,
                                 float("inf"), float("-inf")])
         x = torch.cat([special, x[~torch.isnan(x)]])[: 64 * 16].view(16, 1, 64).to(dtype)
-        L = EmuLauncher(emu)
+        L = EmuLauncher(emu, ftz=ftz)
         _, ids, vals, _ = kernels._topk_lists(x, 64, 1.0, L, want_vals=True)
-        ref = x.float().sort(-1, descending=True).values
-        assert torch.equal(vals, ref)
-        assert torch.equal(x.float().gather(-1, ids), ref)
+        seen = _flush_subnormals(x) if ftz else x.float()
+        ref = seen.sort(dim=-1, descending=True, stable=True)
+        assert torch.equal(vals, ref.values)
+        assert torch.equal(ids, ref.indices)  # ties (and flushed values) in ascending id order
+        assert torch.equal(torch.signbit(vals), torch.signbit(ref.values))
+    flushed = bool((_flush_subnormals(x) != x.float()).any())
+    assert flushed  # bf16 subnormals are present, so the two modes differ
+
+
+@pytest.mark.parametrize("ftz", [True, False], ids=["ftz", "ieee"])
+def test_emu_subnormal_bf16_logits_order(emu, ftz):
+    """The documented difference from torch in one row (the GPU test below asserts the ftz answer)."""
+    _require_ftz(emu, ftz)
+    tiny = torch.finfo(torch.float32).tiny
+    x = torch.full((1, 1, 64), -1.0)
+    x[0, 0, :4] = torch.tensor([tiny / 4, -tiny / 8, 0.0, tiny])
+    probs, ids, _, _ = kernels._topk_lists(x.to(torch.bfloat16), 4, 1.0, EmuLauncher(emu, ftz=ftz))
+    assert ids[0, 0].tolist() == ([3, 0, 1, 2] if ftz else [3, 0, 2, 1])
+
+
+def test_emu_uniform_is_open_at_both_ends(emu):
+    """u = (m + 1/2) 2**-52 from the top 52 bits: the extreme bit patterns give 2**-53 and 1 - 2**-53
+    (53 bits gave exactly 1.0, so E = -log1p(-u) = inf and J / E = 0)."""
+    lo, hi = emu.emu_uniform_from_bits(0, 0), emu.emu_uniform_from_bits(0xFFFFFFFF, 0xFFFFFFFF)
+    assert lo == 2.0 ** -53 and hi == 1.0 - 2.0 ** -53
+    assert emu.emu_uniform_from_bits(0x3F, 0x3F) == lo  # the low 6 bits of each word are unused
+    assert emu.emu_uniform_from_bits(0, 0x40) == 3 * 2.0 ** -53  # the lowest used bit moves u by 2**-52
+    e_hi, e_lo = emu.emu_exp1_from_bits(0xFFFFFFFF, 0xFFFFFFFF), emu.emu_exp1_from_bits(0, 0)
+    assert math.isfinite(e_hi) and e_hi == pytest.approx(53 * math.log(2)) and 0 < e_lo < 1e-15
+
+
+def test_emu_nan_logits_count_as_neg_inf(emu):
+    """A row with fewer than k non-NaN logits used to keep the empty-slot index 2**31-1 in its list,
+    which the step then used to index ``seen`` (an illegal address on the GPU)."""
+    B, H, V, k = 5, 3, 5000, 8
+    stats, toks, succ = _stats(V, H)
+    x = _step_logits(B, H, V, seed=21, corpus=(toks, succ))
+    nan = float("nan")
+    x[0] = nan
+    x[0, :, [5, 17, 2500]] = torch.tensor([1.0, 2.0, 3.0])  # three real logits per head, k = 8
+    x[1] = nan  # nothing but NaN
+    x[2, 1, ::2] = nan  # scattered
+    x[3, 0, int(x[3, 0].argmax())] = nan  # the best token of head 1
+    as_inf = x.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    g = torch.Generator().manual_seed(2)
+    seen = torch.rand(B, V, generator=g) < 0.3
+    for sms in (1, 8):  # without and with vocabulary splits
+        L = EmuLauncher(emu, num_sms=sms)
+        probs, ids, _, _ = kernels._topk_lists(x, k, 1.0, L)
+        assert bool(((ids >= 0) & (ids < V)).all()), ids.max()
+        _assert_topk_matches(probs, ids, as_inf, k, 1.0)
+        for cfg in (DynamoConfig(k=k), DynamoConfig(k=k, eps_b=0.0, adaptive_threshold=False)):
+            kw = {"stats": stats, "seen_tokens": seen, "max_tokens": torch.full((B,), H)}
+            out = kernels._dynamo_step_impl(x, cfg, L, **kw)
+            _assert_step_matches(out, as_inf, kw, cfg)
+        out = kernels._dynamo_step_impl(x, DynamoConfig(k=k), L, stats=stats, seen_tokens=seen, do_sample=True,
+                                        generator=torch.Generator().manual_seed(3))
+        first = out.tokens[:, 0]
+        assert bool(((first >= 0) & (first < V)).all())
+        assert bool(torch.isfinite(as_inf[torch.arange(B), 0, first])[[0, 2, 3, 4]].all())  # never a NaN token
+        out = kernels._dynamo_step_impl(x, DynamoConfig(k=k, eps_b=1.0), L, do_sample=True, top_k=5,
+                                        generator=torch.Generator().manual_seed(4))
+        assert bool(((out.tokens[:, 0] >= 0) & (out.tokens[:, 0] < V)).all())
+
+
+@pytest.mark.parametrize("B,H,V,k,dtype,sms", [(1, 1, 151936, 50, torch.bfloat16, 37),
+                                               (1, 3, 151936, 8, torch.float32, 66)])
+def test_emu_topk_merges_more_than_32_splits(emu, B, H, V, k, dtype, sms):
+    """An H100 (132 SMs) splits a B = 1, V = 151936 row into 74 slices; the merge block then has three
+    warps, one thread per slice."""
+    S, _ = kernels._num_splits(B * H, V, sms)
+    assert S > 32
+    g = torch.Generator().manual_seed(S)
+    x = (torch.randn(B, H, V, generator=g) * 3).to(dtype)
+    x[0, 0, -40:] = 20.0  # the best tokens in the last slices, ties among them
+    L = EmuLauncher(emu, num_sms=sms)
+    out = _poison_outputs(B, H, k, k, "cpu", vals=True, sample=True)
+    probs, ids, vals, sample = kernels._topk_lists(x, k, 1.0, L, want_vals=True, gumbel=True, seeds=(None, 5, 6),
+                                                   out=(out["probs"], out["ids"], out["vals"], out["sample"]))
+    merges = [c for c in L.calls if c[0] == "topk_softmax_merge"]
+    assert merges and merges[0][2][0] == 32 * -(-S // 32) > 32
+    del out["tokens"], out["n"]
+    _assert_no_poison(out)
+    _assert_topk_matches(probs, ids, x, k, 1.0)
+    assert ids[0, 0, :min(k, 40)].tolist() == list(range(V - 40, V))[:min(k, 40)]
+    assert torch.equal(vals, x.float().gather(-1, ids))
+    assert V - 40 <= int(sample[0]) < V  # the 40 tokens at logit 20 hold ~99.9% of head 1's mass
+    if H > 1:
+        cfg = DynamoConfig(k=k, eps_b=0.001)
+        step = kernels._dynamo_step_impl(x, cfg, L)
+        _assert_step_matches(step, x, {}, cfg)
+
+
+@pytest.mark.parametrize("limit", ["budget", "sms"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_emu_step_blocks_loop_over_several_rows(emu, monkeypatch, limit, reverse):
+    """Fewer blocks than rows (large B on a real GPU): each block strides over rows and must reset
+    its per-row state (shared lists, first-token slot, caps) between them."""
+    B, H, V, k = 11, 3, 400, 6
+    stats, toks, succ = _stats(V, H)
+    x = _step_logits(B, H, V, seed=33, corpus=(toks, succ))
+    cfg = DynamoConfig(k=k, eps_b=0.02)
+    per_block = 2 * k ** H  # with the blur
+    if limit == "budget":
+        monkeypatch.setattr(kernels, "SCRATCH_BUDGET", 4 * per_block * 3)  # 3 blocks: 4, 4 and 3 rows
+        L, want = EmuLauncher(emu, num_sms=132, reverse=reverse), 3
+    else:
+        L, want = EmuLauncher(emu, num_sms=1, reverse=reverse), kernels.STEP_BLOCKS_PER_SM  # 8 blocks, 11 rows
+    g = torch.Generator().manual_seed(5)
+    top = x.topk(k + 1, dim=-1).indices[:, 0]
+    kw = {"stats": stats, "seen_tokens": torch.rand(B, V, generator=g) < 0.3,
+          "first_tokens": top[torch.arange(B), torch.randint(0, k + 1, (B,), generator=g)],
+          "max_tokens": torch.randint(1, H + 1, (B,), generator=g)}
+    bufs = _poison_outputs(B, H, k, k, "cpu", draft=True)
+    out = kernels._dynamo_step_impl(x, cfg, L, _out=bufs, **kw)
+    _assert_no_poison(bufs)
+    grids = [c[1] for c in L.calls if c[0] == "dynamo_step_kernel"]
+    assert grids == [(want, 1, 1)] and want < B
+    _assert_step_matches(out, x, kw, cfg)
+    del kw["first_tokens"]
+    out = kernels._dynamo_step_impl(x, cfg, L, **kw)
+    _assert_step_matches(out, x, kw, cfg)
+
+
+def test_step_grid_bounds_the_scratch():
+    """The step kernel's scratch is per block: at most one block per row, STEP_BLOCKS_PER_SM per SM and
+    SCRATCH_BUDGET bytes (1 GiB at B >= 1074 for H = 3, k = 50 before)."""
+    assert kernels.SCRATCH_BUDGET <= 256 << 20
+    for H, k, blur in [(3, 50, True), (3, 50, False), (4, 50, True), (4, 64, True), (3, 8, True), (2, 64, False)]:
+        per_block = (2 if blur else 1) * k ** H
+        for B in (1, 7, 256, 1074, 4096, 10 ** 6):
+            for sms in (1, 4, 132):
+                blocks = kernels._step_blocks(B, per_block, sms)
+                assert 1 <= blocks <= min(B, 65535)
+                assert blocks <= kernels.STEP_BLOCKS_PER_SM * sms
+                assert blocks * per_block * 4 <= kernels.SCRATCH_BUDGET
+    assert kernels._step_blocks(256, 2 * 50 ** 3, 132) == 256  # H = 3, k = 50: a block per row up to 256
+    assert kernels._step_blocks(10 ** 6, 2 * 8 ** 3, 132) == 8 * 132  # small scratch: the residency cap
+
+
+@pytest.mark.parametrize("B,first", [(1, False), (7, False), (7, True)])
+def test_emu_step_on_tied_bf16_logits_matches_exactly(emu, B, first):
+    """bf16 logits on a coarse grid: every top-k list is full of ties. With the tie order explicit in the
+    reference (lower id first, as the kernels) not a single row may differ, drafts included."""
+    H, V, k = 3, 500, 8
+    stats, toks, succ = _stats(V, H)
+    g = torch.Generator().manual_seed(B)
+    x = torch.randint(0, 4, (B, H, V), generator=g).float() * 0.5
+    t = torch.from_numpy(toks[torch.randint(0, len(toks) - H, (B,), generator=g).numpy()])
+    for h in range(H):  # a seen n-gram a little above the crowd
+        x[torch.arange(B), h, t] = 3.0
+        t = torch.from_numpy(succ)[t, 0]
+    x = x.to(torch.bfloat16)
+    vals = x.float().topk(k, dim=-1).values
+    assert bool((vals[..., 1:] == vals[..., :-1]).any(-1).all())  # ties inside every list
+    cfg = DynamoConfig(k=k, eps_b=1e-4)  # rows emit 2 and 3 tokens
+    kw = {"stats": stats}
+    if first:
+        kw["first_tokens"] = x.float()[:, 0].argmax(-1)
+    out = kernels._dynamo_step_impl(x, cfg, EmuLauncher(emu), **kw)
+    ref = _assert_step_matches(out, x, kw, cfg, max_fragile=0.0, draft_atol=1e-6)
+    assert torch.equal(out.topk_ids, ref.topk_ids)
+    assert torch.equal(out.tokens, ref.tokens) and torch.equal(out.n, ref.n)
+    assert bool((ref.n > 1).any())
 
 
 EMU_STEP = [  # B, H, V, k, cfg kwargs, stats, seen, first, max_tokens, threads, reverse
@@ -628,7 +938,7 @@ def test_emu_joint_draws_are_distributed_like_the_reference(emu):
     cfg = DynamoConfig(k=4, eps_b=0.02)
     out = kernels._dynamo_step_impl(x, cfg, EmuLauncher(emu), stats=stats, do_sample=True,
                                     generator=torch.Generator().manual_seed(1))
-    ref = policy.dynamo_step(x, cfg, stats=stats, do_sample=True, generator=torch.Generator().manual_seed(2))
+    ref = _reference_step(x, cfg, stats=stats, do_sample=True, generator=torch.Generator().manual_seed(2))
     a, b = _outcomes(out), _outcomes(ref)
     assert len(b) >= 3, b  # the case must be random
     assert _chi2_pvalue_two_sample(a, b) > 1e-6, (a, b)
@@ -752,7 +1062,7 @@ def test_gpu_sampled_steps_are_distributed_like_the_reference(H, k, V, speculati
     if speculative:
         kw["first_tokens"] = torch.full((B,), int(x[0, 0].argmax()), device=dev)
     out = kernels.cuda_dynamo_step(x, cfg, generator=torch.Generator(device=dev).manual_seed(1), **kw)
-    ref = policy.dynamo_step(x, cfg, generator=torch.Generator(device=dev).manual_seed(2), **kw)
+    ref = _reference_step(x, cfg, generator=torch.Generator(device=dev).manual_seed(2), **kw)
     a, b = _outcomes(out), _outcomes(ref)
     assert len(b) >= 3, b
     assert _chi2_pvalue_two_sample(a, b) > 1e-6
@@ -773,3 +1083,152 @@ def test_gpu_seeded_generator_is_reproducible_and_runs_on_the_current_stream():
     assert torch.equal(a.tokens, b.tokens)
     c = kernels.cuda_dynamo_step(x, cfg, do_sample=True, generator=torch.Generator().manual_seed(4))  # CPU generator
     assert c.tokens.shape == (64, 3)
+
+
+@gpu
+def test_gpu_flushes_float32_subnormals_as_documented():
+    """CuPy compiles with -ftz=true: bf16 logits below 2**-126 read as zeros of their sign (the
+    emulation's ftz mode gives the same order; torch would give [3, 0, 2, 1])."""
+    tiny = torch.finfo(torch.float32).tiny
+    x = torch.full((1, 1, 64), -1.0)
+    x[0, 0, :4] = torch.tensor([tiny / 4, -tiny / 8, 0.0, tiny])
+    probs, ids = kernels.topk_softmax(x.to(device="cuda", dtype=torch.bfloat16), 4)
+    assert ids[0, 0].tolist() == [3, 0, 1, 2]
+
+
+@gpu
+def test_gpu_nan_logits_keep_ids_in_range_and_the_context_usable():
+    B, H, V, k = 8, 3, 50304, 50
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, H, V, generator=g, device="cuda") * 3
+    x[0] = float("nan")
+    x[1, :, 20:] = float("nan")  # 20 real logits per head, k = 50
+    x[2, 0, ::3] = float("nan")
+    seen = torch.rand(B, V, generator=g, device="cuda") < 0.3  # the penalty reads seen[b, id]
+    for do_sample in (False, True):
+        out = kernels.cuda_dynamo_step(x, DynamoConfig(k=k, eps_b=0.01), seen_tokens=seen, do_sample=do_sample,
+                                       generator=torch.Generator(device="cuda").manual_seed(1))
+        torch.cuda.synchronize()
+        assert bool(((out.topk_ids >= 0) & (out.topk_ids < V)).all())
+        first = out.tokens[:, 0]
+        assert bool(((first >= 0) & (first < V)).all())
+        assert bool((first[1] < 20).all())
+    assert float(torch.ones(3, device="cuda").sum()) == 3.0  # the context still works
+
+
+# ---------------------------------------------------------------- sample(backend="cuda") end to end
+
+
+@pytest.fixture(params=["emu", "cuda"])
+def fused_device(request, monkeypatch):
+    """Where ``sample(backend="cuda")`` runs its fused step. ``"cuda"``: the real kernels (skipped
+    without a GPU). ``"emu"``: CPU tensors through the emulated kernels (``resolve_backend`` accepts
+    "cuda" for them and ``cuda_dynamo_step`` launches on the emulation), so the same end-to-end
+    checks run on every machine."""
+    if request.param == "cuda":
+        if not kernels.cuda_available():
+            pytest.skip("needs CuPy and a CUDA device (kernels.cuda_available() is False)")
+        return torch.device("cuda")
+    emu = request.getfixturevalue("emu")
+    from dynamo_sampling import sampling
+
+    def resolve(backend, tensor):
+        return "cuda" if backend == "cuda" else kernels.resolve_backend(backend, tensor)
+
+    def step(head_logits, cfg, **kwargs):
+        return kernels._dynamo_step_impl(head_logits, cfg, EmuLauncher(emu, num_sms=4), **kwargs)
+
+    monkeypatch.setattr(sampling, "resolve_backend", resolve)
+    monkeypatch.setattr(kernels, "cuda_dynamo_step", step)
+    return torch.device("cpu")
+
+
+def _tiny_model(device, V: int = 101):
+    """tests/test_sample.py's model (peaky logits: greedy comparisons must not hinge on near-ties)."""
+    from dynamo_sampling import TinyMTP, TinyMTPConfig
+
+    torch.manual_seed(0)
+    m = TinyMTP(TinyMTPConfig(vocab_size=V, n_layer=3, n_heads=3, d_model=48, n_attn_heads=4, d_ff=96,
+                              max_seq_len=128)).eval()
+    with torch.no_grad():
+        m.embed.weight.mul_(25.0)
+    return m.to(device)
+
+
+def _ragged_prompts(n_rows: int, V: int, seed: int, device, min_len: int = 2, max_len: int = 12):
+    """(input_ids, attention_mask), left-padded."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(min_len, max_len + 1, (n_rows,), generator=g)
+    S = int(lens.max())
+    ids = torch.zeros(n_rows, S, dtype=torch.long)
+    mask = torch.zeros(n_rows, S, dtype=torch.long)
+    for i, n in enumerate(lens.tolist()):
+        ids[i, S - n:] = torch.randint(0, V, (n,), generator=g)
+        mask[i, S - n:] = 1
+    return ids.to(device), mask.to(device)
+
+
+@pytest.mark.parametrize("eps_b,use_stats", [(0.0, False), (0.05, False), (0.05, True)])
+def test_fused_sample_speculative_greedy_equals_ar(fused_device, eps_b, use_stats):
+    from dynamo_sampling import sample
+
+    model = _tiny_model(fused_device)
+    V = model.vocab_size
+    stats = _stats(V, 3)[0] if use_stats else None
+    ids, mask = _ragged_prompts(8, V, 123, fused_device)
+    ar = sample(model, ids, mask, strategy="ar", max_new_tokens=16, backend="cuda")
+    spec = sample(model, ids, mask, strategy="speculative", max_new_tokens=16, backend="cuda", eps_b=eps_b,
+                  stats=stats, return_dict_in_generate=True)
+    assert torch.equal(spec.sequences, ar)
+    if eps_b == 0.0:
+        assert int(spec.accepted.sum()) > 0  # the kernel's drafts were verified and kept
+
+
+@pytest.mark.parametrize("use_stats", [False, True])
+def test_fused_sample_equals_torch_backend_greedy_dynamo(fused_device, use_stats):
+    from dynamo_sampling import sample
+
+    model = _tiny_model(fused_device)
+    V = model.vocab_size
+    stats = _stats(V, 3)[0] if use_stats else None
+    ids, mask = _ragged_prompts(8, V, 7, fused_device)
+    runs = {b: sample(model, ids, mask, strategy="dynamo", max_new_tokens=12, eps_b=0.05, stats=stats, backend=b,
+                      return_dict_in_generate=True) for b in ("cuda", "torch")}
+    assert torch.equal(runs["cuda"].sequences, runs["torch"].sequences)
+    assert torch.equal(runs["cuda"].histogram, runs["torch"].histogram)
+    assert int(runs["cuda"].histogram[:, 1:].sum()) > 0  # multi-token steps happened
+
+
+def test_fused_sampled_speculative_is_exact(fused_device):
+    """tests/test_sample.py's frequency test with the fused step: pairs (x1, x2) after a fixed prompt
+    follow the ar distribution P1[x0, x1] * P1[x1, x2] although the kernel drafts x2 from head 2."""
+    from dynamo_sampling import sample
+    from toy_models import random_table_model
+
+    model = random_table_model(V=6, H=2, seed=3)
+    model.table = model.table.to(fused_device)
+    P = torch.softmax(model.table[0], -1).double().cpu()
+    x0 = 2
+    n = 60000 if fused_device.type == "cuda" else 1000  # the emulation runs one block at a time
+    exact = P[x0][:, None] * P  # (V, V)
+    freqs = {}
+    for strategy in ("speculative", "ar"):
+        ids = torch.full((n, 1), x0, device=fused_device)
+        out = sample(model, ids, strategy=strategy, max_new_tokens=2, do_sample=True, temperature=1.0, top_k=None,
+                     eps_b=0.0, generator=torch.Generator(device=fused_device).manual_seed(1), backend="cuda",
+                     return_dict_in_generate=True)
+        seq = out.sequences.cpu()
+        counts = torch.zeros(6, 6, dtype=torch.float64)
+        counts.index_put_((seq[:, 1], seq[:, 2]), torch.ones(n, dtype=torch.float64), accumulate=True)
+        assert counts[exact == 0].sum() == 0  # zero-probability pairs never drawn
+        freqs[strategy] = counts / n
+        if strategy == "speculative":
+            assert 0 < int(out.accepted.sum()) < int(out.drafted.sum())  # drafts both kept and rejected
+    for strategy, freq in freqs.items():
+        assert _chi2_pvalue_gof((freq * n).round().numpy().ravel(), exact.numpy().ravel()) > 1e-6, strategy
+    if fused_device.type == "cuda":  # enough draws for tight bounds
+        sd = (exact * (1 - exact) / n).sqrt()
+        spec = freqs["speculative"]
+        assert bool(((spec - exact).abs() <= 5 * sd + 1e-9).all()), (spec - exact).abs().max()
+        assert 0.5 * float((spec - exact).abs().sum()) < 0.02
+        assert 0.5 * float((freqs["ar"] - exact).abs().sum()) < 0.02
