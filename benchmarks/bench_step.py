@@ -108,7 +108,7 @@ def measure(model, stats, prompt, batch: int, repeats: int, device) -> dict:
     fns = {
         "stem (T=1)": stem_only,
         f"heads 1..{H} grouped (T=1)": lambda: grouped_block(x1, head_w, plan1, cache, len(stem_w), cfg),
-        "head 1 alone (T=1)": lambda: grouped_block(x1, head_w.leading(1), plan1, cache, len(stem_w), cfg),
+        "head 1 alone (T=1)": lambda: grouped_block(x1, head_w.layers(0, 1), plan1, cache, len(stem_w), cfg),
         "unembedding, 1 row": lambda: model.head_logits(hid1),
         "unembedding, 3 rows": lambda: model.head_logits(hid3),
         "forward head 1, T=1 (ar)": loop_forward(1, 1),

@@ -104,53 +104,68 @@ class GenerationOutput:
 _STEP_COST = {}
 
 
-def measure_step_cost(model, batch_size: int, width: int, heads: int, rounds: int = 7) -> tuple:
-    """Relative cost of one forward feeding T = 1..width tokens per row with ``heads`` heads.
+def measure_step_cost(model, batch_size: int, width: int, rounds: int = 7, sampled: bool = False) -> dict:
+    """Cost of one forward feeding T = 1..width tokens per row, with head 1 only and with every
+    head, relative to head 1 on one token: ``{1: (1.0, c2, ...), H: (c1, c2, ...)}``.
 
     Timed on a scratch cache holding a 64-token prefix, head 1 unembedded at every fed row and
-    heads 2..H at one, as the loop does. Every width is timed once per round, ``rounds`` rounds
+    heads 2..H at one, as the loop does, and the verification of T - 1 draft tokens (greedy: an
+    argmax per row; ``sampled``: head 1's softmax per row, what rejection sampling reads). Every
+    variant is timed once per round, ``rounds`` rounds
     after a warm-up, and each keeps its fastest: load from other processes only ever adds time,
-    so the minimum is the robust estimate. Made non-decreasing by suffix minima (a width's cost is
-    at most any wider one's). Returns ``width`` floats, the first 1.0."""
+    so the minimum is the robust estimate. Each table is made non-decreasing by suffix minima (a
+    width's cost is at most any wider one's)."""
     p = next(iter(model.parameters()), None)
     dev = p.device if p is not None else torch.device("cpu")
+    H = model.n_heads
     prefix = min(64, model.max_seq_len - width)
     cache = model.new_cache(batch_size, max_len=prefix + width)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    best = [float("inf")] * width
+    variants = [(h, T) for h in sorted({1, H}) for T in range(1, width + 1)]
+    best = {v: float("inf") for v in variants}
     with torch.inference_mode():
         model(torch.zeros(batch_size, prefix, dtype=torch.long, device=dev),
-              torch.arange(prefix, device=dev).expand(batch_size, prefix), cache, heads=heads, output_hidden=True)
-        feeds = [(torch.zeros(batch_size, T, dtype=torch.long, device=dev),
-                  (prefix + torch.arange(T, device=dev)).expand(batch_size, T)) for T in range(1, width + 1)]
+              torch.arange(prefix, device=dev).expand(batch_size, prefix), cache, heads=H, output_hidden=True)
         for r in range(rounds + 1):
-            for i, (ids, pos) in enumerate(feeds):
+            for heads, T in variants:
+                ids = torch.zeros(batch_size, T, dtype=torch.long, device=dev)
+                pos = (prefix + torch.arange(T, device=dev)).expand(batch_size, T)
                 sync()
                 t0 = time.perf_counter()
                 hidden = model(ids, pos, cache, heads=heads, output_hidden=True)
-                model.head_logits(hidden[:, :, 0])
+                head1 = model.head_logits(hidden[:, :, 0])
                 if heads > 1:
                     model.head_logits(hidden[:, -1, 1:])
+                if T > 1:
+                    torch.softmax(head1[:, :-1], dim=-1) if sampled else head1[:, :-1].argmax(-1)
                 sync()
                 if r:  # round 0 warms up
-                    best[i] = min(best[i], time.perf_counter() - t0)
-    rel = [t / best[0] for t in best]
-    for i in range(width - 2, -1, -1):
-        rel[i] = min(rel[i], rel[i + 1])
-    return tuple(max(1.0, c) if i else 1.0 for i, c in enumerate(rel))
+                    best[(heads, T)] = min(best[(heads, T)], time.perf_counter() - t0)
+    out = {"seconds": best[(1, 1)]}  # the unit: head 1 on one token
+    for heads in sorted({1, H}):
+        rel = [best[(heads, T)] / best[(1, 1)] for T in range(1, width + 1)]
+        for i in range(width - 2, -1, -1):
+            rel[i] = min(rel[i], rel[i + 1])
+        out[heads] = tuple(max(1.0, c) for c in rel)
+    return out
 
 
-def _step_cost(model, batch_size, width, heads, draft: DraftConfig, device) -> torch.Tensor:
+def _step_cost(model, batch_size, width, draft: DraftConfig, device, sampled: bool) -> dict:
+    """{1: (width,), H: (width,)} float64 tensors: the measured (or given) cost of a forward."""
+    H = model.n_heads
     if draft.step_cost is not None:
         cost = list(draft.step_cost)
         cost = cost + [cost[-1]] * (width - len(cost))  # beyond the table: as its last entry
+        table = {1: cost, H: cost, "seconds": None}
     else:
         p = next(iter(model.parameters()), None)
-        key = (id(model), str(device), p.dtype if p is not None else None, batch_size, width, heads)
+        key = (id(model), str(device), p.dtype if p is not None else None, batch_size, width, sampled)
         if key not in _STEP_COST:
-            _STEP_COST[key] = measure_step_cost(model, batch_size, width, heads)
-        cost = _STEP_COST[key]
-    return torch.tensor(cost[:width], dtype=torch.float64, device=device)
+            _STEP_COST[key] = measure_step_cost(model, batch_size, width, sampled=sampled)
+        table = _STEP_COST[key]
+    out = {h: torch.tensor(table[h][:width], dtype=torch.float64, device=device) for h in (1, H)}
+    out["seconds"] = table["seconds"]
+    return out
 
 
 def size_drafts(accept: torch.Tensor, cap: torch.Tensor, cost: torch.Tensor):
@@ -252,6 +267,7 @@ class _Decoder:
         self.heads = self.H if strategy in ("dynamo", "speculative") else 1
         uses_lookup = strategy == "lookup" or (strategy == "speculative" and draft.hybrid)
         self.index = NgramIndex(input_ids, mask, lookup) if uses_lookup else None
+        self.lazy = strategy == "speculative" and uses_lookup and self.H > 1 and hasattr(model, "extra_heads")
         self.W = {"ar": 1, "dynamo": self.H, "lookup": 1 + lookup.max_draft,
                   "speculative": max(self.H, 1 + lookup.max_draft) if uses_lookup else self.H}[strategy]
         self.max_new = max_new_tokens
@@ -280,9 +296,50 @@ class _Decoder:
             self.seen[torch.arange(B, device=dev)[:, None].expand(B, S)[mask], input_ids[mask]] = True
         self.residual = None  # (B, V) draft mass to remove from the next first token (sampled rejections)
         self.ar_w = torch.arange(W, device=dev)
-        self.cost = None
+        self.cost = self.cost_lookup = None
+        self.joint_overhead = 0.0
         if strategy in ("speculative", "lookup") and draft.size_by == "cost":
-            self.cost = _step_cost(model, B, W, self.heads, draft, dev)
+            table = _step_cost(model, B, W, draft, dev, sampling.do_sample)
+            self.cost = table[self.heads]  # a forward as this strategy runs it
+            self.cost_lookup = table[1] if self.lazy or strategy == "lookup" else self.cost
+            if strategy == "speculative" and self.index is not None:
+                self.joint_overhead = self._joint_overhead(table)
+        # heads on demand: while lookup drafts win, the forward runs head 1 alone and keeps the stem
+        # output; heads 2..H catch up on the skipped positions (one call) when the joint is next needed
+        self.heads_len = prompt_len.clone()  # heads 2..H hold positions < heads_len
+        self.stem_buf = None  # (B, max_len + 1, d) stem output by position; the last slot is spare
+        self.step_heads = self.heads
+
+    def _joint_overhead(self, table) -> float:
+        """What evaluating the joint costs beyond the forward, in units of a head-1, 1-token forward:
+        the policy call, timed here on the prefill's logits (fastest of 3), and, with heads on demand,
+        bringing heads 2..H up to date (about their share of a forward). 0 with a given step_cost."""
+        if table["seconds"] is None:
+            return 0.0
+        sync = torch.cuda.synchronize if self.dev.type == "cuda" else (lambda: None)
+        cfg = dataclasses.replace(self.dynamo, k=min(self.draft.joint_k, self.dynamo.k), eps_b=0.0,
+                                  adaptive_threshold=False)
+        first = self.last_logits[:, 0].argmax(-1)
+        best = float("inf")
+        for _ in range(3):
+            sync()
+            t0 = time.perf_counter()
+            self.step_policy(self.last_logits, cfg, stats=self.stats, first_tokens=first)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        catch_up = float("inf")
+        catch_up = 0.0
+        if self.lazy:  # heads 2..H on one position + their logits; padding (-1) writes only the spare slot
+            pos = torch.full((self.B, 1), -1, dtype=torch.long, device=self.dev)
+            stem = self.model(torch.zeros_like(pos), pos, self.cache, heads=1, output_hidden=True, output_stem=True)[1]
+            catch_up = float("inf")
+            for _ in range(3):
+                sync()
+                t0 = time.perf_counter()
+                self.model.head_logits(self.model.extra_heads(stem, pos, self.cache)[:, 0])
+                sync()
+                catch_up = min(catch_up, time.perf_counter() - t0)
+        return (best + catch_up) / table["seconds"]
 
     # ------------------------------------------------------------ propose
 
@@ -322,6 +379,7 @@ class _Decoder:
         prop = Proposal(tokens, n)
         lookup = self._lookup_draft(prop, first, remaining, active) if self.index is not None else None
         joint_value = torch.full((B,), -1.0, dtype=torch.float64, device=dev)
+        joint = False
         if self.strategy == "speculative":
             need = active
             if lookup is not None and self.cost is not None:
@@ -329,14 +387,40 @@ class _Decoder:
                 # token after the first certain, H-1 tokens at the joint's observed first rate
                 a1 = self.joint_ev.first_rate(torch.ones(B, dtype=torch.float64, device=dev))
                 acc = torch.cat([a1[:, None], torch.ones(B, self.H - 2, dtype=torch.float64, device=dev)], 1)
-                need = need & ~(lookup[3] >= size_drafts(acc, remaining - 1, self.cost)[1])
-            if bool(need.any()):
+                bound = size_drafts(acc, remaining - 1, self.cost + self.joint_overhead)[1]
+                need = need & ~(lookup[3] >= bound)
+            joint = bool(need.any())
+            if joint:
+                if self.lazy:
+                    self._catch_up_heads()
                 joint_value = self._joint_draft(prop, first, remaining)
+        use = None
         if lookup is not None:
             draft, dlen, ld, value = lookup
-            self._use_lookup(prop, draft, ld, (value > joint_value) & (ld > 0))
+            use = (value > joint_value) & (ld > 0)
+            self._use_lookup(prop, draft, ld, use)
         prop.n = torch.where(active, prop.n, 0)
+        # this step's forward runs every head unless no row feeds a joint draft (heads on demand)
+        self.step_heads = self.heads
+        if self.lazy and (not joint or not bool((active & ~use & (prop.n > 1)).any())):
+            self.step_heads = 1
         return prop
+
+    def _catch_up_heads(self):
+        """Heads 2..H on the positions that head-1-only forwards skipped, from the saved stem
+        outputs; then their logits at each row's last position are current."""
+        behind = self.cache.lengths - self.heads_len  # (B,)
+        Tc = int(behind.max())
+        if Tc > 0:
+            j = torch.arange(Tc, device=self.dev)
+            pos = torch.where(j[None] < behind[:, None], self.heads_len[:, None] + j[None], -1)  # (B, Tc)
+            d = self.stem_buf.shape[-1]
+            h_stem = self.stem_buf.gather(1, pos.clamp(min=0)[:, :, None].expand(-1, -1, d))
+            hidden = self.model.extra_heads(h_stem, pos, self.cache)  # (B, Tc, H-1, d)
+            last = hidden[torch.arange(self.B, device=self.dev), (behind - 1).clamp(min=0)]  # (B, H-1, d)
+            fresh = self.model.head_logits(last)
+            self.last_logits[:, 1:] = torch.where((behind > 0)[:, None, None], fresh, self.last_logits[:, 1:])
+        self.heads_len = self.cache.lengths.clone()
 
     def _joint_draft(self, prop: Proposal, first, remaining) -> torch.Tensor:
         """The heads' joint n-gram after ``first``, sized; fills ``prop``, returns its value (B,)."""
@@ -382,7 +466,7 @@ class _Decoder:
             return draft, dlen, dlen, dlen.double()
         j = torch.arange(1, D + 1, device=dev)
         acc = torch.where(j[None] == 1, self.lookup_ev.first_rate()[:, None], self.lookup_ev.cont_rate()[:, None])
-        ld, value = size_drafts(torch.where(j[None] <= dlen[:, None], acc, 0.0), dlen, self.cost)
+        ld, value = size_drafts(torch.where(j[None] <= dlen[:, None], acc, 0.0), dlen, self.cost_lookup)
         return draft, dlen, ld, value
 
     def _use_lookup(self, prop: Proposal, draft, ld, use):
@@ -406,11 +490,18 @@ class _Decoder:
     # ------------------------------------------------------------ feed
 
     def feed(self, prop: Proposal, T: int) -> torch.Tensor:
-        """One forward over the proposal's first T columns -> hidden (B, T, heads, d)."""
+        """One forward over the proposal's first T columns -> hidden (B, T, step_heads, d)."""
         fed = self.ar_w[None, :T] < prop.n[:, None]  # (B, T)
         ids = torch.where(fed, prop.tokens[:, :T], 0)
         pos = torch.where(fed, self.cache.lengths[:, None] + self.ar_w[None, :T], -1)
-        return self.model(ids, pos, self.cache, heads=self.heads, output_hidden=True)
+        if not self.lazy:
+            return self.model(ids, pos, self.cache, heads=self.step_heads, output_hidden=True)
+        hidden, h_stem = self.model(ids, pos, self.cache, heads=self.step_heads, output_hidden=True, output_stem=True)
+        if self.stem_buf is None:
+            self.stem_buf = h_stem.new_zeros(self.B, self.cache.max_len + 1, h_stem.shape[-1])
+        slot = torch.where(fed, pos, self.cache.max_len)  # padding -> the spare slot
+        self.stem_buf.scatter_(1, slot[:, :, None].expand(-1, -1, h_stem.shape[-1]), h_stem)
+        return hidden
 
     # ------------------------------------------------------------ verify
 
@@ -510,17 +601,21 @@ class _Decoder:
             keep = self.verify(prop, head1) if T > 1 else prop.n
             at = (keep - 1).clamp(min=0)
             new_last = head1[rows, at][:, None]
-            if self.heads > 1:  # heads 2..H only at the last kept position
+            if self.step_heads > 1:  # heads 2..H only at the last kept position
                 new_last = torch.cat([new_last, self.model.head_logits(hidden[rows, at, 1:])], dim=1)
+            elif self.heads > 1:  # heads on demand: stale until the next catch-up
+                new_last = torch.cat([new_last, self.last_logits[:, 1:]], dim=1)
         if self.strategy in ("speculative", "lookup") and T == 1:
             self.residual = None
         keep = self.commit(prop, keep, T, active)
+        if self.step_heads > 1:
+            self.heads_len = self.cache.lengths.clone()
         self.last_logits = torch.where(active[:, None, None], new_last, self.last_logits)
         if streamer is not None:
             streamer.put([prop.tokens[b, :int(keep[b])].clone() if bool(active[b]) else prop.tokens[b, :0].clone()
                           for b in range(self.B)])
         # the one host sync of a step: stop check and NaN check together
-        bad = torch.isnan(new_last).flatten(1).any(1) & active
+        bad = torch.isnan(new_last[:, :self.step_heads]).flatten(1).any(1) & active
         all_done, has_nan = torch.stack([self.done.all(), bad.any()]).tolist()
         return bool(all_done), bool(has_nan)
 

@@ -146,3 +146,21 @@ def test_fast_path_follows_weight_updates(normed_model):
         after, ref = model(ids, pos), model(ids, pos, reference=True)
     assert not torch.allclose(before[:, :, 1], after[:, :, 1])
     assert torch.allclose(after, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_extra_heads_catch_up_equals_running_all_heads(normed_model, reference):
+    """Head 1 alone for a while (saving the stem output), then heads 2..H brought up to date in one
+    call: the heads' outputs and caches are those of running every head all along."""
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(9))
+    pos = torch.arange(12).expand(2, 12)
+    with torch.no_grad():
+        full = normed_model(ids, pos, reference=reference)  # (2, 12, 3, V)
+        cache = normed_model.new_cache(2, 16)
+        normed_model(ids[:, :5], pos[:, :5], cache, reference=reference)
+        _, stem = normed_model(ids[:, 5:9], pos[:, 5:9], cache, heads=1, output_stem=True, reference=reference)
+        assert stem.shape == (2, 4, 32)
+        late = normed_model.extra_heads(stem, pos[:, 5:9], cache, reference=reference)  # (2, 4, 2, d)
+        assert torch.allclose(normed_model.head_logits(late), full[:, 5:9, 1:], atol=1e-5)
+        after = normed_model(ids[:, 9:12], pos[:, 9:12], cache, reference=reference)
+    assert torch.allclose(after, full[:, 9:12], atol=1e-5)

@@ -20,11 +20,18 @@ class TableMTP(torch.nn.Module):
     def new_cache(self, batch_size, max_len=None, dtype=None, device=None):
         return KVCache(0, batch_size, 1, max_len or self.max_seq_len, 1, torch.float32, self.table.device)
 
-    def forward(self, input_ids, positions, cache=None, heads=None, logits_index=None, output_hidden=False):
+    def forward(self, input_ids, positions, cache=None, heads=None, logits_index=None, output_hidden=False,
+                output_stem=False):
         heads = heads or self.n_heads
+        stem = input_ids[..., None].float()  # the "stem output" is the token itself
         if logits_index is not None:
             input_ids = input_ids.gather(1, logits_index)
-        return self.table[:heads, input_ids].permute(1, 2, 0, 3)  # (B, T, heads, V): the "hidden" is the logits
+        out = self.table[:heads, input_ids].permute(1, 2, 0, 3)  # (B, T, heads, V): the "hidden" is the logits
+        return (out, stem) if output_stem else out
+
+    def extra_heads(self, h_stem, positions, cache=None):
+        """Heads 2..H from saved stem outputs (heads on demand in the decoder)."""
+        return self.table[1:, h_stem[..., 0].long()].permute(1, 2, 0, 3)
 
     def head_logits(self, hidden):
         return hidden.float()
@@ -56,4 +63,5 @@ def random_table_model(V: int = 6, H: int = 2, seed: int = 0, zero_prob: bool = 
 
 class NaNModel(TableMTP):
     def forward(self, *args, **kwargs):
-        return super().forward(*args, **kwargs) * float("nan")
+        out = super().forward(*args, **kwargs)
+        return (out[0] * float("nan"), out[1]) if isinstance(out, tuple) else out * float("nan")

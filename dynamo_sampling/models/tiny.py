@@ -235,11 +235,11 @@ class GroupWeights:
                    fc2_w=cast([b.fc2.weight.float().t() for b in blocks]),
                    fc2_b=cast([b.fc2.bias.float()[None] for b in blocks]))
 
-    def leading(self, g: int) -> "GroupWeights":
-        """The first g layers of the group (views, no copy)."""
+    def layers(self, a: int, b: int) -> "GroupWeights":
+        """Layers a..b-1 of the group (views, no copy)."""
         d3 = self.qkv_w.shape[0] // self.proj_w.shape[0]
-        return GroupWeights(self.qkv_w[:g * d3], self.qkv_b[:g * d3], self.proj_w[:g], self.proj_b[:g],
-                            self.fc1_w[:g], self.fc1_b[:g], self.fc2_w[:g], self.fc2_b[:g])
+        return GroupWeights(self.qkv_w[a * d3:b * d3], self.qkv_b[a * d3:b * d3], self.proj_w[a:b], self.proj_b[a:b],
+                            self.fc1_w[a:b], self.fc1_b[a:b], self.fc2_w[a:b], self.fc2_b[a:b])
 
 
 def grouped_block(x: torch.Tensor, w: GroupWeights, plan: FeedPlan, cache: Optional[KVCache], first_layer: int,
@@ -340,7 +340,8 @@ class TinyMTP(nn.Module):
 
     def _reference_hidden(self, input_ids, positions, cache, heads):
         h_stem, rope = self.stem_forward(input_ids, positions, cache)
-        return torch.stack([self.head_hidden(h_stem, rope, positions, h, cache) for h in range(heads)], dim=2)
+        hidden = torch.stack([self.head_hidden(h_stem, rope, positions, h, cache) for h in range(heads)], dim=2)
+        return hidden, h_stem
 
     # ------------------------------------------------------------ fast path (inference)
 
@@ -353,7 +354,8 @@ class TinyMTP(nn.Module):
         (in place, by ``load_state_dict``, an optimiser step, or ``.to()``)."""
         if getattr(self, "_param_list", None) is None:  # walking the modules each forward costs ~0.4 ms
             self._param_list = list(self.parameters())
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in self._param_list)
+        first = self._param_list[0]  # .to() moves or casts every parameter together
+        key = (first.data_ptr(), first.dtype, tuple([p._version for p in self._param_list]))
         if self._inference is None or self._inference[0] != key:
             with torch.no_grad():
                 stem = [GroupWeights.stack([b]) for b in self.stem]
@@ -366,14 +368,35 @@ class TinyMTP(nn.Module):
     def _fast_hidden(self, input_ids, positions, cache, heads):
         self._check_positions(positions)
         cfg = self.config
-        stem, head_w, norm_w, norm_b = self.inference_weights()
+        weights = self.inference_weights()
         plan = FeedPlan(positions, cfg.head_dim, cfg.rope_base, cache)
         x = self.embed(input_ids)
-        for i, w in enumerate(stem):
+        for i, w in enumerate(weights[0]):
             x = grouped_block(x, w, plan, cache, i, cfg)[0]
-        hs = grouped_block(x, head_w.leading(heads), plan, cache, len(stem), cfg)  # (heads, B, T, d)
-        hs = F.layer_norm(hs, (cfg.d_model,), eps=cfg.norm_eps) * norm_w[:heads] + norm_b[:heads]
-        return hs.permute(1, 2, 0, 3)  # (B, T, heads, d)
+        return self._fast_heads(x, plan, cache, 0, heads, weights), x
+
+    def _fast_heads(self, h_stem, plan, cache, a: int, b: int, weights=None):
+        """Heads a+1..b (0-based a..b-1) as one grouped block on the stem output -> (B, T, b-a, d)."""
+        cfg = self.config
+        stem, head_w, norm_w, norm_b = weights or self.inference_weights()
+        hs = grouped_block(h_stem, head_w.layers(a, b), plan, cache, len(stem) + a, cfg)  # (b-a, B, T, d)
+        hs = F.layer_norm(hs, (cfg.d_model,), eps=cfg.norm_eps) * norm_w[a:b] + norm_b[a:b]
+        return hs.permute(1, 2, 0, 3)
+
+    def extra_heads(self, h_stem: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache] = None,
+                    reference: bool = False) -> torch.Tensor:
+        """Heads 2..H on stem outputs saved from earlier ``heads=1`` forwards (``output_stem=True``):
+        writes their cache slots at ``positions`` and returns their normed hidden (B, T, H-1, d).
+
+        This lets a decoder run head 1 alone while heads 2..H are not needed and bring them up to
+        date in one call when they are (their keys at the skipped positions are computed then)."""
+        H = self.config.n_heads
+        if reference or torch.is_grad_enabled():
+            rope = rotary_tables(positions, self.config.head_dim, self.config.rope_base)
+            return torch.stack([self.head_hidden(h_stem, rope, positions, h, cache) for h in range(1, H)], dim=2)
+        self._check_positions(positions)
+        plan = FeedPlan(positions, self.config.head_dim, self.config.rope_base, cache)
+        return self._fast_heads(h_stem, plan, cache, 1, H)
 
     # ------------------------------------------------------------ the protocol
 
@@ -382,7 +405,8 @@ class TinyMTP(nn.Module):
         return F.linear(hidden, self.unembed.weight).float()
 
     def forward(self, input_ids, positions, cache: Optional[KVCache] = None, heads: Optional[int] = None,
-                logits_index: Optional[torch.Tensor] = None, output_hidden: bool = False, reference: bool = False):
+                logits_index: Optional[torch.Tensor] = None, output_hidden: bool = False, reference: bool = False,
+                output_stem: bool = False):
         """Run the model.
 
         Parameters
@@ -397,6 +421,8 @@ class TinyMTP(nn.Module):
             dtype instead of logits; :meth:`head_logits` unembeds the rows a caller needs.
         reference : run the per-layer reference path (the one training differentiates through);
             by default inference (no autograd) runs the grouped fast path.
+        output_stem : also return the stem output (B, T, d) at every fed position, for
+            :meth:`extra_heads` later.
 
         Returns
         -------
@@ -406,9 +432,10 @@ class TinyMTP(nn.Module):
         if not 1 <= heads <= self.config.n_heads:
             raise ValueError(f"heads must be in 1..{self.config.n_heads}, got {heads}")
         if reference or torch.is_grad_enabled():
-            hidden = self._reference_hidden(input_ids, positions, cache, heads)
+            hidden, h_stem = self._reference_hidden(input_ids, positions, cache, heads)
         else:
-            hidden = self._fast_hidden(input_ids, positions, cache, heads)  # (B, T, heads, d)
+            hidden, h_stem = self._fast_hidden(input_ids, positions, cache, heads)  # (B, T, heads, d), (B, T, d)
         if logits_index is not None:
             hidden = hidden.gather(1, logits_index[:, :, None, None].expand(-1, -1, *hidden.shape[2:]))
-        return hidden if output_hidden else self.head_logits(hidden)
+        out = hidden if output_hidden else self.head_logits(hidden)
+        return (out, h_stem) if output_stem else out
