@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/python -m dynamo_sampling.demo
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_core.py
+	$(BIN)/python benchmarks/bench_step.py
 	$(BIN)/python -m pytest -q benchmarks/test_latency.py --benchmark-only --benchmark-json=benchmarks/results/latency_cpu.json
 
 clean:

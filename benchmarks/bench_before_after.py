@@ -81,7 +81,9 @@ def main(argv=None) -> int:
                 if key not in best or res[s]["tokens_per_s"] > best[key]["tokens_per_s"]:
                     best[key] = {**res[s], "dtype": res["dtype"]}
     sys.path.insert(0, str(ROOT))
+    import torch
     from evals.assets import machine_info, machine_line
+    torch.set_num_threads(1)  # as the runs themselves (for the machine line)
     machine = machine_info()
     lines = [f"Before/after — bundled model, {args.n_prompts} held-out prompts x 64 new tokens, greedy, B=1, "
              f"1 thread, best of {args.rounds} alternating rounds.  ", f"Machine: {machine_line(machine)}.", "",

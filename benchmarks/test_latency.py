@@ -51,7 +51,7 @@ def assets():
 
 
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
-@pytest.mark.parametrize("strategy", ["ar", "dynamo", "speculative"])
+@pytest.mark.parametrize("strategy", ["ar", "dynamo", "speculative", "lookup"])
 def test_generate_latency(benchmark, assets, strategy, batch_size):
     model, stats = assets.model, assets.stats
     ids = prefix_tokens(PROMPT_LEN, batch_size, model.vocab_size)

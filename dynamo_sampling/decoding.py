@@ -303,7 +303,12 @@ class _Decoder:
             self.cost = table[self.heads]  # a forward as this strategy runs it
             self.cost_lookup = table[1] if self.lazy or strategy == "lookup" else self.cost
             if strategy == "speculative" and self.index is not None:
-                self.joint_overhead = self._joint_overhead(table)
+                given = None if draft.step_cost is None else tuple(draft.step_cost)
+                key = ("joint", id(model), str(dev), next(iter(model.parameters()), torch.empty(0)).dtype, B,
+                       self.lazy, sampling.do_sample, self.dynamo.k, self.draft.joint_k, stats is None, given)
+                if key not in _STEP_COST:  # measured once per process, like the step cost
+                    _STEP_COST[key] = self._joint_overhead(table)
+                self.joint_overhead = _STEP_COST[key]
         # heads on demand: while lookup drafts win, the forward runs head 1 alone and keeps the stem
         # output; heads 2..H catch up on the skipped positions (one call) when the joint is next needed
         self.heads_len = prompt_len.clone()  # heads 2..H hold positions < heads_len
