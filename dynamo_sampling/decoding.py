@@ -332,7 +332,6 @@ class _Decoder:
             self.step_policy(self.last_logits, cfg, stats=self.stats, first_tokens=first)
             sync()
             best = min(best, time.perf_counter() - t0)
-        catch_up = float("inf")
         catch_up = 0.0
         if self.lazy:  # heads 2..H on one position + their logits; padding (-1) writes only the spare slot
             pos = torch.full((self.B, 1), -1, dtype=torch.long, device=self.dev)
@@ -386,8 +385,8 @@ class _Decoder:
         joint_value = torch.full((B,), -1.0, dtype=torch.float64, device=dev)
         joint = False
         if self.strategy == "speculative":
-            need = active
-            if lookup is not None and self.cost is not None:
+            need = active if self.H > 1 else torch.zeros_like(active)  # one head: nothing to draft with
+            if lookup is not None and self.cost is not None and self.H > 1:
                 # skip the policy when no joint draft could beat the lookup draft: even with every
                 # token after the first certain, H-1 tokens at the joint's observed first rate
                 a1 = self.joint_ev.first_rate(torch.ones(B, dtype=torch.float64, device=dev))

@@ -42,6 +42,7 @@ import torch
 from dynamo_sampling import kernels, policy
 from dynamo_sampling.cooccurrence import CooccurrenceStats
 from dynamo_sampling.policy import DynamoConfig
+from toy_models import ragged_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -1156,15 +1157,8 @@ def _tiny_model(device, V: int = 101):
 
 
 def _ragged_prompts(n_rows: int, V: int, seed: int, device, min_len: int = 2, max_len: int = 12):
-    """(input_ids, attention_mask), left-padded."""
-    g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(min_len, max_len + 1, (n_rows,), generator=g)
-    S = int(lens.max())
-    ids = torch.zeros(n_rows, S, dtype=torch.long)
-    mask = torch.zeros(n_rows, S, dtype=torch.long)
-    for i, n in enumerate(lens.tolist()):
-        ids[i, S - n:] = torch.randint(0, V, (n,), generator=g)
-        mask[i, S - n:] = 1
+    """(input_ids, attention_mask), left-padded, on ``device``."""
+    ids, mask = ragged_prompts(n_rows, V, seed, min_len, max_len)
     return ids.to(device), mask.to(device)
 
 
@@ -1215,8 +1209,8 @@ def test_fused_sampled_speculative_is_exact(fused_device):
     for strategy in ("speculative", "ar"):
         ids = torch.full((n, 1), x0, device=fused_device)
         out = sample(model, ids, strategy=strategy, max_new_tokens=2, do_sample=True, temperature=1.0, top_k=None,
-                     eps_b=0.0, generator=torch.Generator(device=fused_device).manual_seed(1), backend="cuda",
-                     return_dict_in_generate=True)
+                     eps_b=0.0, step_cost=(1.0,), generator=torch.Generator(device=fused_device).manual_seed(1),
+                     backend="cuda", return_dict_in_generate=True)  # flat step cost: every useful draft is fed
         seq = out.sequences.cpu()
         counts = torch.zeros(6, 6, dtype=torch.float64)
         counts.index_put_((seq[:, 1], seq[:, 2]), torch.ones(n, dtype=torch.float64), accumulate=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dynamo_sampling import TinyMTP, TinyMTPConfig, sample
-from toy_models import NaNModel, oracle_model, random_table_model
+from toy_models import NaNModel, oracle_model, ragged_prompts, random_table_model
 
 V = 101
 FLAT = (1.0,)  # step_cost: feeding more tokens costs nothing, so every useful draft is fed (deterministic)
@@ -21,15 +21,7 @@ def model():
 
 
 def ragged_batch(n_rows, seed, min_len=2, max_len=12):
-    g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(min_len, max_len + 1, (n_rows,), generator=g)
-    S = int(lens.max())
-    ids = torch.zeros(n_rows, S, dtype=torch.long)
-    mask = torch.zeros(n_rows, S, dtype=torch.long)
-    for i, n in enumerate(lens.tolist()):
-        ids[i, S - n:] = torch.randint(0, V, (n,), generator=g)
-        mask[i, S - n:] = 1
-    return ids, mask
+    return ragged_prompts(n_rows, V, seed, min_len, max_len)
 
 
 def new_tokens(out, S):
@@ -290,3 +282,13 @@ def test_nan_logits_raise(strategy):
     model = NaNModel(torch.zeros(2, 5, 5))
     with pytest.raises(ValueError, match="the model returned NaN logits"):
         sample(model, torch.tensor([[1]]), strategy=strategy)
+
+
+def test_one_head_model_every_strategy_is_ar():
+    torch.manual_seed(0)
+    m = TinyMTP(TinyMTPConfig(vocab_size=50, n_layer=2, n_heads=1, d_model=32, n_attn_heads=4, d_ff=64,
+                              max_seq_len=64)).eval()
+    ids = torch.randint(0, 50, (2, 10))
+    ar = sample(m, ids, strategy="ar", max_new_tokens=12)
+    for strategy in ("dynamo", "speculative", "lookup"):
+        assert torch.equal(sample(m, ids, strategy=strategy, max_new_tokens=12), ar), strategy

@@ -37,6 +37,19 @@ class TableMTP(torch.nn.Module):
         return hidden.float()
 
 
+def ragged_prompts(n_rows: int, V: int, seed: int, min_len: int = 2, max_len: int = 12):
+    """(input_ids, attention_mask), both (n_rows, S) int64, left-padded, random lengths and tokens."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(min_len, max_len + 1, (n_rows,), generator=g)
+    S = int(lens.max())
+    ids = torch.zeros(n_rows, S, dtype=torch.long)
+    mask = torch.zeros(n_rows, S, dtype=torch.long)
+    for i, n in enumerate(lens.tolist()):
+        ids[i, S - n:] = torch.randint(0, V, (n,), generator=g)
+        mask[i, S - n:] = 1
+    return ids, mask
+
+
 def oracle_model(V: int = 16, H: int = 3, seed: int = 0) -> TableMTP:
     """Knows one fixed cyclic sequence: head h puts a +20 logit on the token h steps ahead."""
     perm = torch.randperm(V, generator=torch.Generator().manual_seed(seed))
