@@ -1,10 +1,13 @@
 """Packaging for dynamo_sampling. Users bring their own torch; the Makefile pins the CPU wheel."""
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py as _build_py
 
 CSRC = Path(__file__).resolve().parent / "csrc"
+VERSION = re.search(r'^__version__ = "([^"]+)"', (CSRC.parent / "dynamo_sampling" / "__init__.py").read_text(),
+                    re.M).group(1)  # one place for the version: the package's __version__
 
 
 class build_py(_build_py):
@@ -24,7 +27,7 @@ class build_py(_build_py):
 
 setup(
     name="dynamo_sampling",
-    version="0.1.0",
+    version=VERSION,
     description="Dynamic multi-token sampling (DynaMo) and self-speculative decoding for MTP language models",
     packages=find_packages(include=["dynamo_sampling", "dynamo_sampling.*"]),
     package_data={"dynamo_sampling": ["csrc/*.cu", "csrc/*.cuh", "pretrained/*"]},

@@ -1,13 +1,24 @@
 """dynamo_sampling: several tokens per forward pass from multi-token-prediction models.
 
-Layers (each only calls the one below): ``models`` -> ``cooccurrence`` -> ``policy`` (the DynaMo
-step) -> ``decoding`` (one loop, three strategies) -> ``sampling.sample`` (the public entry).
+Layers (dependencies point down; inference never imports training): ``models`` (TinyMTP, the
+Hugging Face adapter) and ``cooccurrence`` (corpus statistics) at the bottom; ``samplers`` and
+``policy`` (the DynaMo step, with the CUDA ``kernels`` beside it) and ``lookup`` (the prompt-lookup
+index) above them; ``decoding`` (one loop, four strategies) on top of those; ``sampling.sample``
+(the public entry, validation) and ``text.generate_text`` (strings in, strings out) above it.
+``cli``, ``demo``, ``train`` and ``evals`` use the library and are never imported by it.
 """
-from .decoding import GenerationOutput
+__version__ = "0.2.0"
+
+from .cooccurrence import CooccurrenceStats
+from .decoding import STRATEGIES, DraftConfig, GenerationOutput
+from .lookup import LookupConfig
 from .models import KVCache, TinyMTP, TinyMTPConfig
 from .policy import DynamoConfig, StepOutput, dynamo_step
 from .pretrained import load_pretrained
+from .samplers import SamplingParams
 from .sampling import sample
+from .text import generate_text
 
-__all__ = ["DynamoConfig", "GenerationOutput", "KVCache", "StepOutput", "TinyMTP", "TinyMTPConfig",
-           "dynamo_step", "load_pretrained", "sample"]
+__all__ = ["CooccurrenceStats", "DraftConfig", "DynamoConfig", "GenerationOutput", "KVCache", "LookupConfig",
+           "STRATEGIES", "SamplingParams", "StepOutput", "TinyMTP", "TinyMTPConfig", "__version__", "dynamo_step",
+           "generate_text", "load_pretrained", "sample"]

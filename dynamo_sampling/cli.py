@@ -62,17 +62,27 @@ def _add_generate(sub):
 
     p = sub.add_parser("generate", help="complete a prompt with the bundled (or a given) model",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--strategy", choices=STRATEGIES, default="dynamo")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--do-sample", action="store_true")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-k", type=int, default=50)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text")
+    src.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file ('-': standard input)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="dynamo", help="decoding strategy (README)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to write per sample, at most")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="completions of the same prompt, decoded as one batch (identical unless --do-sample)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7, help="with --do-sample only")
+    p.add_argument("--top-k", type=int, default=50, help="with --do-sample only")
     p.add_argument("--eps-b", type=float, default=None, help="DynaMo static threshold (default: DynamoConfig's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eos", type=int, action="append", default=None, metavar="ID",
+                   help="stop a row at this token id (repeatable; default: 0, the bundled tokenizer's end of text)")
+    p.add_argument("--no-eos", action="store_true", help="never stop early: always write --max-new-tokens")
+    p.add_argument("--truncate", choices=("none", "left"), default="none",
+                   help="a prompt longer than the context allows: an error (none) or keep its last tokens (left)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     p.add_argument("--model-dir", default=None, help="a save_model directory with tokenizer.json (default: bundled)")
     p.add_argument("--no-stats", action="store_true", help="no co-occurrence statistics")
-    p.add_argument("--stream", action="store_true", help="print text as it is produced")
+    p.add_argument("--stream", action="store_true", help="print text as it is produced (the first sample)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads: 1 suits a model this small, and torch's default (one per core) "
                         "runs up to 100x slower while another process busies a core")
@@ -81,45 +91,95 @@ def _add_generate(sub):
     p.set_defaults(func=_run_generate)
 
 
+def _read_prompt(args) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file == "-":
+        return sys.stdin.read()
+    try:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read --prompt-file {args.prompt_file}: {e}") from e
+
+
 def _run_generate(args) -> int:
     import torch
 
     from .pretrained import load_pretrained
+    from .text import encode_batch
     from .sampling import sample
 
-    if args.threads < 1:
-        raise SystemExit(f"error: --threads must be >= 1, got {args.threads}")
+    for name in ("threads", "num_samples", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    prompt = _read_prompt(args)
     torch.set_num_threads(args.threads)
-    model, tok, stats = load_pretrained(args.model_dir, with_stats=not args.no_stats, dtype=args.dtype)
-    ids = torch.tensor([tok.encode(args.prompt).ids])
-    if ids.shape[1] == 0:
-        raise SystemExit("error: the prompt encodes to no tokens")
+    model, tok, stats = load_pretrained(args.model_dir, device=args.device, with_stats=not args.no_stats,
+                                        dtype=args.dtype)
+    room = model.max_seq_len - args.max_new_tokens
+    if room < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {model.max_seq_len} tokens")
+    ids, mask = encode_batch(tok, [prompt] * args.num_samples, args.device, room, args.truncate)
+    eos = None if args.no_eos else (args.eos if args.eos is not None else [0])
     overrides = {} if args.eps_b is None else {"eps_b": args.eps_b}
     streamer = TextStreamer(tok) if args.stream else None
     if streamer:
-        sys.stdout.write(args.prompt)
-    out = sample(model, ids, strategy=args.strategy, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                 temperature=args.temperature, top_k=args.top_k, eos_token_id=0, stats=stats,
-                 generator=torch.Generator().manual_seed(args.seed), streamer=streamer,
-                 return_dict_in_generate=True, **overrides)
-    if not streamer:
-        print(args.prompt + tok.decode(out.sequences[0, ids.shape[1]:out.sequences.shape[1]].tolist()
-                                       [:int(out.new_tokens[0])]))
-    print(f"[{args.strategy}] {int(out.new_tokens[0])} tokens in {int(out.steps[0])} steps "
-          f"({out.tokens_per_step[0].item():.2f} tokens/step), {out.wall_time:.2f} s", file=sys.stderr)
+        sys.stdout.write(prompt)
+    out = sample(model, ids, mask, strategy=args.strategy, max_new_tokens=args.max_new_tokens,
+                 do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, eos_token_id=eos,
+                 stats=stats, generator=torch.Generator(device=args.device).manual_seed(args.seed),
+                 streamer=streamer, return_dict_in_generate=True, **overrides)
+    S = ids.shape[1]
+    for b in range(args.num_samples):
+        if streamer and b == 0:
+            continue
+        if args.num_samples > 1:
+            print(f"----- sample {b + 1} -----")
+        print(prompt + tok.decode(out.sequences[b, S:S + int(out.new_tokens[b])].tolist()))
+    for b in range(args.num_samples):
+        print(f"[{args.strategy}] {int(out.new_tokens[b])} tokens in {int(out.steps[b])} steps "
+              f"({out.tokens_per_step[b].item():.2f} tokens/step)" + (f", {out.wall_time:.2f} s" if b == 0 else ""),
+              file=sys.stderr)
     return 0
+
+
+def _check_outputs(args):
+    """Refuse an output path whose directory is missing or not writable, before any work."""
+    import os
+
+    for attr in ("out", "out_dir"):
+        path = getattr(args, attr, None)
+        if not isinstance(path, str):
+            continue
+        target = os.path.abspath(path if attr == "out_dir" else os.path.dirname(os.path.abspath(path)))
+        while not os.path.exists(target):  # out_dir is created by the run: its nearest existing ancestor counts
+            if attr == "out":
+                raise ValueError(f"--out {path}: directory {target} does not exist")
+            target = os.path.dirname(target)
+        if not os.path.isdir(target) or not os.access(target, os.W_OK):
+            raise ValueError(f"--{attr.replace('_', '-')} {path}: {target} is not a writable directory")
 
 
 def main(argv=None) -> int:
     from .cooccurrence import add_cli as add_cooccur
 
     parser = argparse.ArgumentParser(prog="dynamo-sampling", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     add_cooccur(sub)
     _add_generate(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        _check_outputs(args)
+        return args.func(args)
+    except (ValueError, TypeError, OSError) as e:  # the library's boundary errors: one line, exit 2
+        if args.debug:
+            raise
+        print(f"dynamo-sampling: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

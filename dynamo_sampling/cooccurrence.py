@@ -53,6 +53,7 @@ import hashlib
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -75,6 +76,9 @@ DEFAULT_BUCKET_TOKENS = 1 << 24  # 16,777,216
 
 _MIN_ORDER = 2
 _MAX_ORDER = 4
+
+#: What :meth:`CooccurrenceStats.load` accepts, for its error messages.
+_LOAD_EXPECTED = "a co-occurrence statistics .npz written by CooccurrenceStats.save"
 
 TokenInput = Union[np.ndarray, torch.Tensor, Iterable]
 
@@ -818,6 +822,9 @@ class CooccurrenceStats:
     ) -> "CooccurrenceStats":
         """Read statistics written by :meth:`save`.
 
+        Only plain arrays are read (``allow_pickle=False``): a file holding
+        pickled objects is refused, never unpickled.
+
         Parameters
         ----------
         path : str or os.PathLike
@@ -833,50 +840,127 @@ class CooccurrenceStats:
 
         Raises
         ------
+        FileNotFoundError
+            ``path`` does not exist (other ``OSError`` when it cannot be read).
         ValueError
             Another format version, vocabulary size or fingerprint than
-            expected, or a malformed file; the message says expected vs found.
+            expected, or a malformed file (not an ``.npz``, truncated, a
+            ``.npy``, missing entries, wrong dtypes or shapes); the message
+            names the file and says expected vs found.
         """
-        with np.load(path, allow_pickle=False) as z:
-            files = set(z.files)
-            if "format_version" not in files:
+        # numpy leaks the file it opened when the zip directory is damaged: open it here
+        with open(path, "rb") as f:
+            try:
+                z = np.load(f, allow_pickle=False)
+            except (zipfile.BadZipFile, EOFError, ValueError) as e:
+                # numpy reads bytes it does not recognise as a pickle and then suggests unsafe
+                # loading: its message is never passed on.
+                if isinstance(e, zipfile.BadZipFile):
+                    found = f"a truncated or damaged zip archive ({e})"
+                elif isinstance(e, EOFError):
+                    found = "an empty file"
+                elif "allow_pickle" in str(e):
+                    found = "data that is not an .npz archive (pickled objects are never loaded)"
+                else:
+                    found = f"a damaged .npy array ({e})"
+                raise ValueError(f"{path}: expected {_LOAD_EXPECTED}, found {found}") from None
+            if not isinstance(z, np.lib.npyio.NpzFile):
                 raise ValueError(
-                    f"{path}: expected a co-occurrence statistics file with format_version "
-                    f"{FORMAT_VERSION}, found no format_version entry (entries: {sorted(files)})"
+                    f"{path}: expected {_LOAD_EXPECTED}, found a single .npy array "
+                    f"(shape {z.shape}, dtype {z.dtype})"
                 )
-            version = int(z["format_version"])
-            if version != FORMAT_VERSION:
+            with z:
+                return cls._from_npz(path, z, vocab_size, tokenizer_fingerprint)
+
+    @classmethod
+    def _from_npz(cls, path, z, vocab_size, tokenizer_fingerprint) -> "CooccurrenceStats":
+        """The body of :meth:`load` once ``path`` is known to be an ``.npz`` archive."""
+        files = set(z.files)
+
+        def entry(name: str, kind: str, ndim: int) -> np.ndarray:
+            """Entry ``name`` of ``ndim`` dims whose dtype kind is in ``kind`` ("iu" ints, "U" text)."""
+            if name not in files:
                 raise ValueError(
-                    f"{path}: expected format version {FORMAT_VERSION}, found format version {version}"
+                    f"{path}: expected entry {name!r} in {_LOAD_EXPECTED}, not found "
+                    f"(entries: {sorted(files)})"
                 )
-            V = int(z["vocab_size"])
-            if vocab_size is not None and int(vocab_size) != V:
-                raise ValueError(f"{path}: expected vocab_size {int(vocab_size)}, found vocab_size {V}")
-            fp = str(z["tokenizer_fingerprint"])
-            if tokenizer_fingerprint is not None and str(tokenizer_fingerprint) != fp:
+            try:
+                a = z[name]
+            except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+                # ValueError: an object array (numpy's message then suggests unsafe loading) or a damaged header
+                pickled = isinstance(e, ValueError) and "allow_pickle" in str(e)
+                found = "pickled objects" if pickled else f"a damaged array ({type(e).__name__})"
+                raise ValueError(f"{path}: expected entry {name!r} to hold a plain array, found {found}") from None
+            what = {"iu": "an integer", "U": "a string"}[kind]
+            if a.dtype.kind not in kind or a.ndim != ndim:
                 raise ValueError(
-                    f"{path}: expected tokenizer fingerprint {tokenizer_fingerprint!r}, "
-                    f"found {fp!r}" + (" (file records no fingerprint)" if fp == "" else "")
+                    f"{path}: expected entry {name!r} to be {what} {'scalar' if ndim == 0 else f'{ndim}-D array'}, "
+                    f"found dtype {a.dtype} with shape {a.shape}"
                 )
-            max_order = int(z["max_order"])
-            totals_arr = z["totals"]
-            if totals_arr.shape != (max_order,):
-                raise ValueError(
-                    f"{path}: expected totals of shape ({max_order},), found {totals_arr.shape}"
-                )
-            totals = {n: int(totals_arr[n - 1]) for n in range(1, max_order + 1)}
-            if int(z["num_tokens"]) != totals[1]:
-                raise ValueError(
-                    f"{path}: expected num_tokens == totals[1] = {totals[1]}, found {int(z['num_tokens'])}"
-                )
-            tables = {}
-            for n in range(2, max_order + 1):
-                if f"keys_{n}" not in files or f"counts_{n}" not in files:
-                    raise ValueError(f"{path}: expected keys_{n}/counts_{n} for max_order {max_order}, not found")
-                tables[n] = (z[f"keys_{n}"], z[f"counts_{n}"])
-            return cls(
-                V, max_order, z["unigram_counts"], tables, totals, int(z["min_count"]), fp
+            return a
+
+        if "format_version" not in files:
+            raise ValueError(
+                f"{path}: expected a co-occurrence statistics file with format_version "
+                f"{FORMAT_VERSION}, found no format_version entry (entries: {sorted(files)})"
             )
+        version = int(entry("format_version", "iu", 0))
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: expected format version {FORMAT_VERSION}, found format version {version}"
+            )
+        V = int(entry("vocab_size", "iu", 0))
+        if V < 1:
+            raise ValueError(f"{path}: expected vocab_size >= 1, found {V}")
+        if vocab_size is not None and int(vocab_size) != V:
+            raise ValueError(f"{path}: expected vocab_size {int(vocab_size)}, found vocab_size {V}")
+        fp = str(entry("tokenizer_fingerprint", "U", 0))
+        if tokenizer_fingerprint is not None and str(tokenizer_fingerprint) != fp:
+            raise ValueError(
+                f"{path}: expected tokenizer fingerprint {tokenizer_fingerprint!r}, "
+                f"found {fp!r}" + (" (file records no fingerprint)" if fp == "" else "")
+            )
+        max_order = int(entry("max_order", "iu", 0))
+        if not _MIN_ORDER <= max_order <= _MAX_ORDER or V ** max_order > 2 ** 63:
+            raise ValueError(
+                f"{path}: expected max_order in {_MIN_ORDER}..{_MAX_ORDER} with vocab_size ** max_order "
+                f"<= 2**63, found max_order {max_order} (vocab_size {V})"
+            )
+        totals_arr = entry("totals", "iu", 1)
+        if totals_arr.shape != (max_order,) or (totals_arr < 0).any():
+            raise ValueError(
+                f"{path}: expected totals of shape ({max_order},), all >= 0, found {totals_arr.tolist()}"
+            )
+        totals = {n: int(totals_arr[n - 1]) for n in range(1, max_order + 1)}
+        num_tokens = int(entry("num_tokens", "iu", 0))
+        if num_tokens != totals[1]:
+            raise ValueError(f"{path}: expected num_tokens == totals[1] = {totals[1]}, found {num_tokens}")
+        min_count = int(entry("min_count", "iu", 0))
+        unigrams = entry("unigram_counts", "iu", 1)
+        if unigrams.shape != (V,) or (unigrams < 0).any():
+            raise ValueError(
+                f"{path}: expected unigram_counts of shape ({V},), all >= 0, found shape {unigrams.shape}, "
+                f"min {unigrams.min() if unigrams.size else None}"
+            )
+        tables = {}
+        for n in range(2, max_order + 1):
+            keys, counts = entry(f"keys_{n}", "iu", 1), entry(f"counts_{n}", "iu", 1)
+            if keys.shape != counts.shape:
+                raise ValueError(
+                    f"{path}: expected keys_{n} and counts_{n} of equal length, "
+                    f"found shapes {keys.shape} and {counts.shape}"
+                )
+            # lookups binary-search the keys: they must be sorted, unique and in range
+            keys = keys.astype(np.int64, copy=False)
+            if keys.size and (
+                (keys[1:] <= keys[:-1]).any() or keys[0] < 0 or int(keys[-1]) >= V ** n or (counts < 1).any()
+            ):
+                raise ValueError(
+                    f"{path}: expected keys_{n} strictly increasing in [0, vocab_size**{n}) "
+                    f"and counts_{n} >= 1, found otherwise"
+                )
+            tables[n] = (keys, counts)
+        return cls(V, max_order, unigrams, tables, totals, min_count, fp)
 
 
 # ----------------------------------------------------------------------------

@@ -62,13 +62,27 @@ class DraftConfig:
     step_cost: Optional[Sequence[float]] = None
 
     def validate(self):
-        if self.size_by not in ("cost", "thresholds"):
+        """Check every field's type and range (``TypeError`` / ``ValueError`` naming it); numpy
+        integers become ints, bools are refused where numbers are expected."""
+        import math
+        import numbers
+        if not isinstance(self.size_by, str) or self.size_by not in ("cost", "thresholds"):
             raise ValueError(f"size_by must be 'cost' or 'thresholds', got {self.size_by!r}")
+        if isinstance(self.joint_k, bool) or not isinstance(self.joint_k, numbers.Integral):
+            raise TypeError(f"joint_k must be an int, got {type(self.joint_k).__name__} ({self.joint_k!r})")
+        self.joint_k = int(self.joint_k)
         if self.joint_k < 1:
             raise ValueError(f"joint_k must be >= 1, got {self.joint_k}")
+        if not isinstance(self.hybrid, bool) and type(self.hybrid).__name__ != "bool_":  # numpy bool passes
+            raise TypeError(f"hybrid must be a bool, got {type(self.hybrid).__name__} ({self.hybrid!r})")
+        self.hybrid = bool(self.hybrid)
         if self.step_cost is not None:
+            if isinstance(self.step_cost, (str, bytes)) or not hasattr(self.step_cost, "__iter__") or any(
+                    isinstance(c, bool) or not isinstance(c, numbers.Real) for c in self.step_cost):
+                raise TypeError(f"step_cost must be a sequence of real numbers or None, got "
+                                f"{type(self.step_cost).__name__} ({self.step_cost!r})")
             cost = list(self.step_cost)
-            if not cost or any(not c > 0 for c in cost):
+            if not cost or any(not 0 < c < math.inf for c in cost):
                 raise ValueError(f"step_cost must be a non-empty sequence of positive costs, got {self.step_cost!r}")
 
 

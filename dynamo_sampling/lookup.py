@@ -48,6 +48,14 @@ class LookupConfig:
     max_draft: int = 8  # draft tokens per row and step (D); the verify forward feeds 1 + D
 
     def validate(self):
+        """Check every field's type and range (``TypeError`` / ``ValueError`` naming it); numpy
+        integers become ints, bools are refused."""
+        import numbers
+        for name in ("max_ngram", "min_ngram", "max_draft"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+            setattr(self, name, int(value))
         if self.min_ngram < 1:
             raise ValueError(f"min_ngram must be >= 1, got {self.min_ngram}")
         if self.max_ngram < self.min_ngram:

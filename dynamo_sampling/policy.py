@@ -68,6 +68,31 @@ class DynamoConfig:
     candidates: str = "auto"
 
     def validate(self):
+        """Check every field's type and range (``TypeError`` / ``ValueError`` naming it); numpy
+        integers and floats become Python ones, bools are refused where numbers are expected."""
+        import numbers
+
+        import numpy as np
+        for name in ("k", "otsu_bins"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+            setattr(self, name, int(value))
+        for name in ("alpha_c", "eps_b", "blur_sigma", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+            setattr(self, name, float(value))
+        for name in ("adaptive_threshold", "blur"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+            setattr(self, name, bool(value))
+        if not isinstance(self.candidates, str):
+            raise TypeError(f"candidates must be a str ('auto', 'sparse' or 'dense'), got "
+                            f"{type(self.candidates).__name__} ({self.candidates!r})")
         if not 0.0 <= self.eps_b <= 1.0:
             raise ValueError(f"eps_b must be in [0, 1], got {self.eps_b}")
         if self.k < 1:
@@ -269,6 +294,57 @@ def check_stats(stats, vocab_size: int, n_heads: int):
                          f"{n_heads}-grams of a {n_heads}-head model; build them with max_order >= {n_heads}")
 
 
+def _check_step_args(head_logits, cfg, stats, do_sample, temperature, top_k, seen_tokens, first_tokens, max_tokens):
+    """The boundary of :func:`dynamo_step`: shapes and types without a host sync, then one sync for
+    the values (+inf logits, first tokens out of range). Returns ``head_logits`` with NaN as -inf."""
+    if not isinstance(head_logits, torch.Tensor) or not head_logits.dtype.is_floating_point:
+        got = f"dtype {head_logits.dtype}" if isinstance(head_logits, torch.Tensor) else type(head_logits).__name__
+        raise TypeError(f"head_logits must be a floating-point tensor of shape (B, H, V), got {got}")
+    if head_logits.dim() != 3 or 0 in head_logits.shape:
+        raise ValueError(f"head_logits must have shape (B, H, V) with B, H, V >= 1, got {tuple(head_logits.shape)}")
+    B, H, V = head_logits.shape
+    if not isinstance(cfg, DynamoConfig):
+        raise TypeError(f"cfg must be a DynamoConfig, got {type(cfg).__name__}")
+    cfg.validate()
+    if cfg.alpha_c > 0:
+        check_stats(stats, V, H)
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample must be a bool, got {type(do_sample).__name__} ({do_sample!r})")
+    if do_sample and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                      or not 0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number > 0 when do_sample=True, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+    for name, t, shape, kind in (("seen_tokens", seen_tokens, (B, V), "bool"),
+                                 ("first_tokens", first_tokens, (B,), "int"),
+                                 ("max_tokens", max_tokens, (B,), "int")):
+        if t is None:
+            continue
+        ok_dtype = isinstance(t, torch.Tensor) and (
+            t.dtype == torch.bool if kind == "bool" else not (t.dtype.is_floating_point or t.dtype.is_complex
+                                                              or t.dtype == torch.bool))
+        if not ok_dtype:
+            got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be a {kind} tensor of shape {shape} or None, got {got}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} (head_logits is {(B, H, V)}), got {tuple(t.shape)}")
+    top = head_logits.amax(-1)  # (B, H): NaN where a NaN is, +inf where a +inf is
+    flags = [(top == math.inf).any(), torch.isnan(top).any()]
+    if first_tokens is not None:
+        flags.append(((first_tokens < 0) | (first_tokens >= V)).any())
+    bad = torch.stack(flags).tolist()  # the one host sync
+    if bad[0]:
+        r, h = (top == math.inf).nonzero()[0].tolist()
+        raise ValueError(f"head_logits must be finite or -inf (a zero-probability token), got +inf at row {r}, "
+                         f"head {h}")
+    if len(bad) > 2 and bad[2]:
+        out = first_tokens[(first_tokens < 0) | (first_tokens >= V)]
+        raise ValueError(f"first_tokens must be in [0, {V}), got {out[0].item()}")
+    if bad[1]:  # as the CUDA kernels read them: a NaN logit is a zero-probability token
+        return head_logits.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    return head_logits
+
+
 def dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats=None, do_sample: bool = False,
                 temperature: float = 1.0, top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
                 seen_tokens: Optional[torch.Tensor] = None, first_tokens: Optional[torch.Tensor] = None,
@@ -291,7 +367,16 @@ def dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats=None, do_
     Returns
     -------
     StepOutput
+
+    Raises
+    ------
+    TypeError / ValueError : an argument of the wrong type, shape or range (the message names it),
+        or +inf in ``head_logits``. NaN logits count as -inf (zero probability), as in the CUDA
+        kernels; a head whose logits are all -inf contributes no n-gram, and where it is head 1
+        the row emits token 0.
     """
+    head_logits = _check_step_args(head_logits, cfg, stats, do_sample, temperature, top_k, seen_tokens, first_tokens,
+                                   max_tokens)
     B, H, V = head_logits.shape
     k = min(cfg.k, V)
     dev = head_logits.device

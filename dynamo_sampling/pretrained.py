@@ -4,12 +4,15 @@ Package data in ``dynamo_sampling/pretrained/``: ``config.json`` + ``model.safet
 trained on the Python standard library, see README "The bundled model"), ``tokenizer.json`` and
 ``recorded.json`` (a greedy completion recorded when the weights were made, for tests). The
 co-occurrence statistics are not shipped (tens of MB): they are built on first use from this
-interpreter's standard library train split with the bundled tokenizer (a few seconds) and cached
-as ``.npz`` under ``$DYNAMO_SAMPLING_CACHE`` or ``~/.cache/dynamo_sampling``.
+interpreter's standard library train split with the bundled tokenizer (a few seconds, reported in
+one line on stderr) and cached as ``.npz`` under ``$DYNAMO_SAMPLING_CACHE`` or
+``~/.cache/dynamo_sampling``; a damaged cached file is rebuilt, also with one line on stderr.
 """
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -112,13 +115,17 @@ def load_pretrained(path: Optional[str] = None, device="cpu", with_stats: bool =
         if cached.is_file():
             try:
                 stats = CooccurrenceStats.load(str(cached), vocab_size=model.vocab_size, tokenizer_fingerprint=fp)
-            except (ValueError, OSError):
-                stats = None  # stale or damaged cache: rebuild below
+            except (ValueError, OSError) as e:  # stale or damaged cache: rebuild below
+                print(f"dynamo_sampling: cached co-occurrence statistics unusable, rebuilding them: {e}",
+                      file=sys.stderr)
         if stats is None:
+            t0 = time.perf_counter()
             stats = build_stdlib_stats(root / "tokenizer.json", model.vocab_size, order)
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = cached.with_suffix(f".{os.getpid()}.tmp.npz")
             stats.save(str(tmp))
             os.replace(tmp, cached)
+            print(f"dynamo_sampling: built co-occurrence statistics of the standard library in "
+                  f"{time.perf_counter() - t0:.1f} s (cached at {cached})", file=sys.stderr)
     return model, tokenizer, stats
 

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import math
+import re
 from collections import Counter
 
 import numpy as np
@@ -217,6 +219,114 @@ def test_load_refuses_mismatch(tmp_path, hand):
     np.savez(other, x=np.arange(3))
     with pytest.raises(ValueError, match="format_version"):
         CooccurrenceStats.load(other)
+
+
+def _saved_arrays(tmp_path, stats) -> dict:
+    """The arrays ``stats.save`` writes, to be damaged one by one."""
+    stats.save(tmp_path / "good.npz")
+    with np.load(tmp_path / "good.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _with(**changes):
+    """An edit of the saved arrays: ``name=array`` replaces an entry, ``name=None`` drops it."""
+    def edit(arrays):
+        for k, v in changes.items():
+            if v is None:
+                arrays.pop(k)
+            else:
+                arrays[k] = v
+        return arrays
+    return edit
+
+
+def _write_npz(arrays):
+    def write(path, good):
+        with open(path, "wb") as f:
+            np.savez(f, **arrays(dict(good)))
+    return write
+
+
+def _write_npy(array):
+    def write(path, good):
+        with open(path, "wb") as f:  # np.save(path) would append .npy to the name
+            np.save(f, array)
+    return write
+
+
+def _write_bytes(make):
+    def write(path, good):
+        path.write_bytes(make(good))
+    return write
+
+
+def _good_bytes(good) -> bytes:
+    """The bytes of a valid file, for damaging."""
+    buf = io.BytesIO()
+    np.savez(buf, **good)
+    return buf.getvalue()
+
+
+def _flip_member_bytes(good) -> bytes:
+    """A valid zip directory whose ``unigram_counts`` data fails its CRC check."""
+    b = bytearray(_good_bytes(good))
+    at = bytes(b).index(b"unigram_counts.npy") + 200  # inside the member's data, past its .npy header
+    b[at] ^= 0xFF
+    return bytes(b)
+
+
+MALFORMED_STATS = {
+    "truncated": (_write_bytes(lambda g: _good_bytes(g)[:300]), r"found a truncated or damaged zip archive"),
+    "random bytes": (_write_bytes(lambda g: np.random.default_rng(0).bytes(300)),
+                     r"found data that is not an \.npz archive \(pickled objects are never loaded\)"),
+    "empty": (_write_bytes(lambda g: b""), r"found an empty file"),
+    "npy": (_write_npy(np.arange(3)),
+            r"found a single \.npy array \(shape \(3,\), dtype int64\)"),
+    "pickled npy": (_write_npy(np.array([{}], dtype=object)),
+                    r"found data that is not an \.npz archive"),
+    "damaged member": (_write_bytes(_flip_member_bytes),
+                       r"expected entry 'unigram_counts' to hold a plain array, found a damaged array"),
+    "object entry": (_write_npz(_with(vocab_size=np.array([{}], dtype=object))),
+                     r"expected entry 'vocab_size' to hold a plain array, found pickled objects"),
+    "missing unigrams": (_write_npz(_with(unigram_counts=None)), r"expected entry 'unigram_counts' .*, not found"),
+    "missing table": (_write_npz(_with(keys_3=None)), r"expected entry 'keys_3' .*, not found"),
+    "float unigrams": (_write_npz(_with(unigram_counts=np.ones(V_HAND))),
+                       r"expected entry 'unigram_counts' to be an integer 1-D array, found dtype float64"),
+    "short unigrams": (_write_npz(_with(unigram_counts=np.ones(V_HAND - 1, dtype=np.int64))),
+                       rf"expected unigram_counts of shape \({V_HAND},\)"),
+    "array vocab_size": (_write_npz(_with(vocab_size=np.array([5, 5]))),
+                         r"expected entry 'vocab_size' to be an integer scalar, found dtype int64 with shape \(2,\)"),
+    "numeric fingerprint": (_write_npz(_with(tokenizer_fingerprint=np.int64(3))),
+                            r"expected entry 'tokenizer_fingerprint' to be a string scalar"),
+    "max_order 7": (_write_npz(_with(max_order=np.int64(7))), r"expected max_order in 2\.\.4"),
+    "totals shape": (_write_npz(_with(totals=np.zeros(5, dtype=np.int64))), r"expected totals of shape \(3,\)"),
+    "counts shape": (_write_npz(_with(counts_2=np.ones(2, dtype=np.int64))),
+                     r"expected keys_2 and counts_2 of equal length"),
+    "unsorted keys": (_write_npz(_with(keys_2=np.array([24, 5, 11, 8]))),
+                      r"expected keys_2 strictly increasing in \[0, vocab_size\*\*2\)"),
+    "key out of range": (_write_npz(_with(keys_2=np.array([5, 8, 11, 25]))), r"expected keys_2 strictly increasing"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_STATS))
+def test_load_refuses_malformed_file_naming_it(tmp_path, hand, case):
+    """Every malformed file: a ValueError naming the file and what was expected, no hint at allow_pickle."""
+    write, found = MALFORMED_STATS[case]
+    good = _saved_arrays(tmp_path, hand)
+    path = tmp_path / "stats.npz"
+    write(path, good)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + found) as info:
+        CooccurrenceStats.load(path)
+    chain, e = [], info.value  # the messages a traceback shows
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    assert not any("allow_pickle" in m or "unsafe" in m for m in chain), chain
+
+
+def test_load_reports_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        CooccurrenceStats.load(tmp_path / "nope.npz")
 
 
 # ---------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """sample(): the three strategies, ragged batches, exactness of speculative decoding, errors."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -247,6 +248,57 @@ def test_errors(model):
         (dict(max_new_tokens=126), ValueError, "prompt length 3 \\+ max_new_tokens 126 = 129 exceeds the model's context of 128"),
         (dict(strategy="beam"), ValueError, "unknown strategy 'beam'; expected one of"),
         (dict(do_sample=True, temperature=0.0), ValueError, "temperature must be > 0 when do_sample=True, got 0.0"),
+        (dict(do_sample=True, temperature=float("inf")), ValueError, "temperature must be finite when do_sample=True, got inf"),
+        (dict(do_sample=True, temperature=float("nan")), ValueError, "temperature must be > 0 when do_sample=True, got nan"),
+        (dict(temperature="0.7"), TypeError, r"temperature must be a real number \(a float > 0\), got str \('0.7'\)"),
+        (dict(temperature=None), TypeError, r"temperature must be a real number \(a float > 0\), got NoneType \(None\)"),
+        (dict(do_sample=1), TypeError, r"do_sample must be a bool, got int \(1\)"),
+        (dict(do_sample="yes"), TypeError, r"do_sample must be a bool, got str \('yes'\)"),
+        (dict(max_new_tokens=0), ValueError, "max_new_tokens must be an int >= 1, got 0"),
+        (dict(max_new_tokens=True), TypeError, r"max_new_tokens must be an int >= 1, got bool \(True\)"),
+        (dict(max_new_tokens=4.0), TypeError, r"max_new_tokens must be an int >= 1, got float \(4.0\)"),
+        (dict(max_new_tokens=None), TypeError, r"max_new_tokens must be an int >= 1, got NoneType \(None\)"),
+        (dict(top_k=True), TypeError, r"top_k must be an int >= 1 or None, got bool \(True\)"),
+        (dict(top_k=5.0), TypeError, r"top_k must be an int >= 1 or None, got float \(5.0\)"),
+        (dict(pad_token_id=-1), ValueError, r"pad_token_id must be an int in \[0, 101\) or None, got -1"),
+        (dict(pad_token_id=V + 5), ValueError, r"pad_token_id must be an int in \[0, 101\) or None, got 106"),
+        (dict(pad_token_id=1.5), TypeError, r"pad_token_id must be an int in \[0, 101\) or None, got float \(1.5\)"),
+        (dict(pad_token_id=False), TypeError, r"pad_token_id must be an int in \[0, 101\) or None, got bool \(False\)"),
+        (dict(eos_token_id=1.7), TypeError, r"eos_token_id must be an int in \[0, 101\), a sequence of them, or None, got float \(1.7\)"),
+        (dict(eos_token_id="0"), TypeError, r"eos_token_id must be an int in \[0, 101\), a sequence of them, or None, got str \('0'\)"),
+        (dict(eos_token_id=[1, 2.5]), TypeError, r"eos_token_id must be .*, got float \(2.5\)"),
+        (dict(eos_token_id=[True]), TypeError, r"eos_token_id must be .*, got bool \(True\)"),
+        (dict(eos_token_id=torch.tensor([1.0])), TypeError, r"eos_token_id must be .*, got float \(1.0\)"),
+        (dict(eos_token_id={1: 2}), TypeError, r"eos_token_id must be .*, got dict \(\{1: 2\}\)"),
+        (dict(eos_token_id=V), ValueError, r"eos_token_id must be an int in \[0, 101\), a sequence of them, or None, got 101"),
+        (dict(eos_token_id=[3, -2]), ValueError, r"eos_token_id must be .*, got -2"),
+        (dict(stats="stats.npz"), TypeError, r"stats must be co-occurrence statistics \(an object with weight, vocab_size, "
+                                             r"max_order, e.g. CooccurrenceStats.load\(path\)\) or None, got str "
+                                             r"\('stats.npz'\) \(a file path\? load it with CooccurrenceStats.load\(path\)\)"),
+        (dict(stats={}), TypeError, r"stats must be co-occurrence statistics .* or None, got dict \(\{\}\)$"),
+        (dict(strategy=3), TypeError, r"strategy must be a str, one of \('ar', 'dynamo', 'speculative', 'lookup'\), got int \(3\)"),
+        (dict(attention_mask=[[1, 1, 1]]), TypeError, r"attention_mask must be a torch.Tensor of the shape of input_ids \(1, 3\) or None, got list"),
+        (dict(attention_mask=torch.tensor([[0.5, 1, 1]])), ValueError, "attention_mask must hold only 0 and 1"),
+        (dict(return_dict_in_generate="yes"), TypeError, r"return_dict_in_generate must be a bool, got str \('yes'\)"),
+        (dict(k=2.5), TypeError, r"k must be an int, got float \(2.5\)"),
+        (dict(k=True), TypeError, r"k must be an int, got bool \(True\)"),
+        (dict(otsu_bins="256"), TypeError, r"otsu_bins must be an int, got str \('256'\)"),
+        (dict(eps_b="0.1"), TypeError, r"eps_b must be a real number, got str \('0.1'\)"),
+        (dict(eps_b=float("nan")), ValueError, "eps_b must be finite, got nan"),
+        (dict(alpha_c=True), TypeError, r"alpha_c must be a real number, got bool \(True\)"),
+        (dict(repetition_penalty=float("inf")), ValueError, "repetition_penalty must be finite, got inf"),
+        (dict(blur="no"), TypeError, r"blur must be a bool, got str \('no'\)"),
+        (dict(adaptive_threshold=0), TypeError, r"adaptive_threshold must be a bool, got int \(0\)"),
+        (dict(candidates=None), TypeError, r"candidates must be a str \('auto', 'sparse' or 'dense'\), got NoneType \(None\)"),
+        (dict(max_draft=2.0), TypeError, r"max_draft must be an int, got float \(2.0\)"),
+        (dict(min_ngram=np.int64(0)), ValueError, "min_ngram must be >= 1, got 0"),
+        (dict(max_ngram=None), TypeError, r"max_ngram must be an int, got NoneType \(None\)"),
+        (dict(joint_k="3"), TypeError, r"joint_k must be an int, got str \('3'\)"),
+        (dict(hybrid=1), TypeError, r"hybrid must be a bool, got int \(1\)"),
+        (dict(size_by=None), ValueError, "size_by must be 'cost' or 'thresholds', got None"),
+        (dict(step_cost="fast"), TypeError, r"step_cost must be a sequence of real numbers or None, got str \('fast'\)"),
+        (dict(step_cost=3.0), TypeError, r"step_cost must be a sequence of real numbers or None, got float \(3.0\)"),
+        (dict(step_cost=(1.0, float("inf"))), ValueError, "step_cost must be a non-empty sequence of positive costs"),
         (dict(top_k=0), ValueError, "top_k must be an int >= 1 or None, got 0"),
         (dict(eps_b=1.5), ValueError, r"eps_b must be in \[0, 1\], got 1.5"),
         (dict(eps_b=-0.1), ValueError, r"eps_b must be in \[0, 1\], got -0.1"),
@@ -264,11 +316,42 @@ def test_errors(model):
         kw = {"input_ids": ids, **kwargs}
         with pytest.raises(exc, match=msg):
             sample(model, **kw)
+    with pytest.raises(TypeError, match=r"model must be a callable MTP model with new_cache, head_logits, vocab_size, "
+                                        r"n_heads, max_seq_len \(e.g. TinyMTP\), got object missing \['new_cache'"):
+        sample(object(), ids)
+
+
+def test_numpy_integers_are_ints_and_eos_sequences(model):
+    ids, mask = ragged_batch(3, seed=2)
+    py = sample(model, ids, mask, strategy="speculative", max_new_tokens=6, top_k=5, eos_token_id=[7, 9],
+                pad_token_id=0, k=5, max_draft=2, joint_k=3, do_sample=False, temperature=0.0)
+    for eos in (np.array([7, 9]), torch.tensor([7, 9]), (np.int64(7), 9)):
+        out = sample(model, ids, mask, strategy="speculative", max_new_tokens=np.int64(6), top_k=np.int32(5),
+                     eos_token_id=eos, pad_token_id=np.int16(0), k=np.int64(5), max_draft=np.int8(2),
+                     joint_k=np.uint8(3), do_sample=np.bool_(False), temperature=np.float32(0.0))
+        assert torch.equal(out, py)
+
+
+def test_ids_at_padded_positions_are_ignored(model):
+    """Whatever sits under attention_mask 0 (even ids outside the vocabulary) is never read: the new
+    tokens are those of zeros there, and the prompt comes back as given."""
+    ids, mask = ragged_batch(4, seed=9)
+    S = ids.shape[1]
+    assert (mask == 0).any()
+    clean = sample(model, ids.masked_fill(mask == 0, 0), mask, strategy="dynamo", max_new_tokens=8, eps_b=0.0)
+    for filler in (-1, V + 5, 7):
+        dirty = ids.masked_fill(mask == 0, filler)
+        out = sample(model, dirty, mask, strategy="dynamo", max_new_tokens=8, eps_b=0.0)
+        assert torch.equal(out[:, :S], dirty)
+        assert torch.equal(out[:, S:], clean[:, S:])
 
 
 def test_stats_of_other_vocabulary_rejected(model):
     class Stats:
         vocab_size, max_order = 50, 3
+
+        def weight(self, ngrams, alpha_c):
+            return torch.ones(ngrams.shape[0])
 
     with pytest.raises(ValueError, match=f"statistics have vocabulary size 50, expected the model's {V}"):
         sample(model, torch.tensor([[1, 2]]), stats=Stats())

@@ -1,12 +1,17 @@
 """Training recipe and the bundled-model loader."""
+import io
 import json
+import re
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from safetensors.torch import load_file, save_file
+
 from dynamo_sampling import TinyMTP, TinyMTPConfig
+from dynamo_sampling.cooccurrence import CooccurrenceStats, tokenizer_fingerprint
 from dynamo_sampling.pretrained import PRETRAINED_DIR, load_pretrained
 from dynamo_sampling.train.trainer import TrainConfig, head_losses, load_model, save_model, train
 
@@ -97,6 +102,159 @@ def test_load_pretrained_missing_and_corrupted(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config .* is corrupted"):
         load_pretrained(str(tmp_path), with_stats=False)
+
+
+def _save_tiny(path):
+    torch.manual_seed(0)
+    save_model(TinyMTP(TinyMTPConfig(vocab_size=50, **MODEL)), str(path), dtype=torch.float32)
+
+
+def _edit_config(**changes):
+    def edit(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(changes)
+        (d / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+def _edit_weights(edit_state):
+    def edit(d):
+        state = load_file(str(d / "model.safetensors"))
+        edit_state(state)
+        save_file(state, str(d / "model.safetensors"))
+    return edit
+
+
+def _write(name, data: bytes):
+    return lambda d: (d / name).write_bytes(data)
+
+
+MALFORMED_MODEL = {
+    "config not json": ("config.json", _write("config.json", b"{not json"), r"is corrupted: expected JSON written by save_model"),
+    "config not utf-8": ("config.json", _write("config.json", b"\xff\xfe{}"), r"is corrupted: expected JSON"),
+    "config empty": ("config.json", _write("config.json", b""), r"is corrupted: expected JSON"),
+    "config a list": ("config.json", _write("config.json", b"[1, 2]"),
+                      r"expected a JSON object of TinyMTPConfig fields, found list"),
+    "config unknown field": ("config.json", _edit_config(n_embd=32), r"found unknown fields \['n_embd'\]"),
+    "config string field": ("config.json", _edit_config(n_layer="2"), r"expected n_layer to be an integer >= 1, found '2'"),
+    "config float field": ("config.json", _edit_config(vocab_size=50.5), r"expected vocab_size to be an integer >= 1"),
+    "config zero field": ("config.json", _edit_config(d_ff=0), r"expected d_ff to be an integer >= 1, found 0"),
+    "config bad eps": ("config.json", _edit_config(norm_eps=-1), r"expected norm_eps to be a finite number > 0"),
+    "config bool field": ("config.json", _edit_config(tie_embeddings=1), r"expected tie_embeddings to be true or false"),
+    "config inconsistent": ("config.json", _edit_config(n_layer=1), r"n_layer must be >= 2"),
+    "weights truncated": ("model.safetensors", lambda d: (d / "model.safetensors").write_bytes(
+        (d / "model.safetensors").read_bytes()[:1000]), r"are corrupted or not safetensors"),
+    "weights empty": ("model.safetensors", _write("model.safetensors", b""), r"are corrupted or not safetensors"),
+    "weights missing tensor": ("model.safetensors", _edit_weights(lambda s: s.pop("embed.weight")),
+                               r"expected the tensors of the model in .*config.json, found 1 missing \['embed.weight'\]"),
+    "weights extra tensor": ("model.safetensors", _edit_weights(lambda s: s.update(extra=torch.zeros(2))),
+                             r"found 0 missing \[\] and 1 unexpected \['extra'\]"),
+    "weights wrong shape": ("model.safetensors", _edit_config(vocab_size=51),
+                            r"expected embed.weight to be a float tensor of shape \(51, 32\) \(from .*config.json\), "
+                            r"found torch.float32 of shape \(50, 32\)"),
+    "weights int dtype": ("model.safetensors", _edit_weights(lambda s: s.update({"embed.weight": s["embed.weight"].long()})),
+                          r"expected embed.weight to be a float tensor of shape \(50, 32\).*found torch.int64"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_MODEL))
+def test_load_model_refuses_malformed_files_naming_them(tmp_path, case):
+    """Every corrupt or inconsistent model file: a ValueError naming the file and what was expected."""
+    blamed, damage, found = MALFORMED_MODEL[case]
+    _save_tiny(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / blamed)) + ".*" + found):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_load_model_names_a_missing_file(tmp_path, name):
+    _save_tiny(tmp_path)
+    (tmp_path / name).unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"model file {tmp_path / name} is missing")):
+        load_model(str(tmp_path))
+
+
+needs_bundled = pytest.mark.skipif(not (PRETRAINED_DIR / "model.safetensors").is_file(),
+                                   reason="no bundled model in this checkout")
+
+
+def _stats_cache_path(cache):
+    """Where load_pretrained caches the bundled model's statistics (order 3: its three heads)."""
+    fp = tokenizer_fingerprint(PRETRAINED_DIR / "tokenizer.json")
+    return cache / f"stdlib-stats-{fp[:16]}-o3.npz"
+
+
+def _tiny_stats_saver(vocab_size=8192, fingerprint=None):
+    def write(path):
+        fp = tokenizer_fingerprint(PRETRAINED_DIR / "tokenizer.json") if fingerprint is None else fingerprint
+        CooccurrenceStats.build(np.arange(20) % 7, vocab_size, 3, tokenizer_fingerprint=fp).save(path)
+    return write
+
+
+def _npy_bytes(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+DAMAGED_CACHE = {
+    "truncated": lambda p: (_tiny_stats_saver()(p), p.write_bytes(p.read_bytes()[:200])),
+    "random bytes": lambda p: p.write_bytes(np.random.default_rng(0).bytes(500)),
+    "empty": lambda p: p.write_bytes(b""),
+    "npy": lambda p: p.write_bytes(_npy_bytes(np.arange(3))),
+    "other vocabulary": _tiny_stats_saver(vocab_size=100),
+    "other tokenizer": _tiny_stats_saver(fingerprint="0" * 64),
+}
+
+
+@needs_bundled
+@pytest.mark.parametrize("case", list(DAMAGED_CACHE))
+def test_load_pretrained_rebuilds_a_damaged_stats_cache(tmp_path, monkeypatch, capsys, case):
+    """Every kind of damage: rebuilt (a tiny stand-in for the stdlib build here), one line on stderr each."""
+    import dynamo_sampling.pretrained as pretrained
+
+    monkeypatch.setenv("DYNAMO_SAMPLING_CACHE", str(tmp_path))
+    built = []
+
+    def tiny_build(tokenizer_path, vocab_size, max_order, root=None, progress=False):
+        built.append(max_order)
+        return CooccurrenceStats.build(np.arange(30) % 11, vocab_size, max_order,
+                                       tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_path))
+
+    monkeypatch.setattr(pretrained, "build_stdlib_stats", tiny_build)
+    cached = _stats_cache_path(tmp_path)
+    DAMAGED_CACHE[case](cached)
+    _, _, stats = load_pretrained(dtype="float32")
+    assert built == [3] and stats.num_tokens == 30
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2, err
+    assert err[0].startswith(f"dynamo_sampling: cached co-occurrence statistics unusable, rebuilding them: {cached}: ")
+    assert "allow_pickle" not in err[0]
+    assert re.fullmatch(r"dynamo_sampling: built co-occurrence statistics of the standard library in \d+\.\d s "
+                        rf"\(cached at {re.escape(str(cached))}\)", err[1]), err[1]
+    assert CooccurrenceStats.load(cached) == stats  # the rebuilt file replaced the damaged one
+
+
+@needs_bundled
+def test_load_pretrained_builds_stdlib_stats_once_and_says_so(tmp_path, monkeypatch, capsys):
+    """The real build (~5-8 s): over a truncated cache file, with its time on stderr; the next load is silent."""
+    torch.set_num_threads(1)
+    monkeypatch.setenv("DYNAMO_SAMPLING_CACHE", str(tmp_path))
+    cached = _stats_cache_path(tmp_path)
+    _tiny_stats_saver()(cached)
+    cached.write_bytes(cached.read_bytes()[:100])
+    _, _, stats = load_pretrained(dtype="float32")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2, err
+    assert err[0].startswith(f"dynamo_sampling: cached co-occurrence statistics unusable, rebuilding them: {cached}: "
+                             "expected a co-occurrence statistics .npz written by CooccurrenceStats.save, "
+                             "found a truncated or damaged zip archive")
+    assert re.fullmatch(r"dynamo_sampling: built co-occurrence statistics of the standard library in \d+\.\d s "
+                        rf"\(cached at {re.escape(str(cached))}\)", err[1]), err[1]
+    assert stats.vocab_size == 8192 and stats.max_order == 3 and stats.num_tokens > 100_000
+    _, _, again = load_pretrained(dtype="float32")
+    assert again == stats and capsys.readouterr().err == ""
 
 
 @pytest.mark.skipif(not (PRETRAINED_DIR / "recorded.json").is_file(), reason="no bundled model in this checkout")
