@@ -33,7 +33,7 @@ setup(
     package_data={"dynamo_sampling": ["csrc/*.cu", "csrc/*.cuh", "pretrained/*"]},
     cmdclass={"build_py": build_py},
     python_requires=">=3.9",
-    install_requires=["torch>=2.1", "numpy>=1.24", "scipy>=1.10", "safetensors>=0.4", "tokenizers>=0.15", "tqdm>=4.60"],
+    install_requires=["torch>=2.1", "numpy>=1.24", "safetensors>=0.4", "tokenizers>=0.15", "tqdm>=4.60"],
     extras_require={
         "cuda": ["cupy-cuda13x"],  # the CUDA 13 wheel; CUDA 12 users install cupy-cuda12x themselves
         "hf": ["transformers>=4.48"],

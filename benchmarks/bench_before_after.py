@@ -27,7 +27,7 @@ import json, sys, time, torch
 torch.set_num_threads(1)
 import dynamo_sampling
 from dynamo_sampling import load_pretrained, sample
-from dynamo_sampling.train.corpus import load_split
+from dynamo_sampling.corpus import load_split
 strategies, n_prompts, dtype = sys.argv[1].split(","), int(sys.argv[2]), sys.argv[3]
 kw = {} if dtype == "default" else {"dtype": dtype}
 model, tok, stats = load_pretrained(**kw)

@@ -109,7 +109,7 @@ def stdlib_prompts(tokenizer, n_rows: int, length: int, vocab_size: int):
     contributes windows 4 * length apart), else random ids when the split cannot be read."""
     rows = []
     try:
-        from dynamo_sampling.train.corpus import load_split
+        from dynamo_sampling.corpus import load_split
 
         for _, text in load_split("test"):
             ids = tokenizer.encode(text).ids

@@ -45,7 +45,7 @@ from evals.assets import machine_info, machine_line  # noqa: E402
 
 def held_out_tokens(tokenizer, n: int) -> list:
     """The first ``n`` tokens of the stdlib test split's longest files, joined (held-out code)."""
-    from dynamo_sampling.train.corpus import load_split
+    from dynamo_sampling.corpus import load_split
     docs = sorted(load_split("test"), key=lambda d: -len(d[1]))
     ids = []
     for _, text in docs:

@@ -49,7 +49,6 @@ the kept n-grams do not move.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import time
@@ -59,6 +58,8 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 import torch
+
+from .tokenizer import file_sha256
 
 __all__ = [
     "FORMAT_VERSION",
@@ -86,24 +87,9 @@ TokenInput = Union[np.ndarray, torch.Tensor, Iterable]
 # ----------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------
-def tokenizer_fingerprint(tokenizer_json_path: Union[str, os.PathLike]) -> str:
-    """SHA-256 hex digest of a tokenizer file (e.g. a ``tokenizer.json``).
-
-    Parameters
-    ----------
-    tokenizer_json_path : str or os.PathLike
-        Path of the tokenizer file.
-
-    Returns
-    -------
-    str
-        64-character lowercase hex digest of the file's bytes.
-    """
-    h = hashlib.sha256()
-    with open(tokenizer_json_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+#: SHA-256 hex digest of a tokenizer file (``tokenizer_fingerprint(path) -> str``, 64 lowercase hex
+#: characters): the one file-fingerprint helper, shared with the tokenizer module and training.
+tokenizer_fingerprint = file_sha256
 
 
 def _check_int(name: str, value, lo: Optional[int] = None, hi: Optional[int] = None) -> int:

@@ -22,29 +22,19 @@ PROMPTS = [
 ]
 
 
-def load_model_or_random():
-    """The bundled model, or (before it exists) a random TinyMTP with a byte tokenizer stand-in."""
+def load_model():
+    """The bundled model (a checkout without its files raises FileNotFoundError naming them)."""
     from .pretrained import load_pretrained
 
-    try:
-        return load_pretrained() + (True,)
-    except FileNotFoundError as e:
-        print(f"NOTE: {e}\nNOTE: running on a RANDOMLY INITIALISED TinyMTP (output is noise)\n")
-        from .models import TinyMTP, TinyMTPConfig
-        from .train.tokenizer import train_tokenizer
-
-        tok = train_tokenizer(PROMPTS * 4, vocab_size=300)
-        torch.manual_seed(0)
-        model = TinyMTP(TinyMTPConfig(vocab_size=tok.get_vocab_size(), max_seq_len=512)).eval()
-        return model, tok, None, False
+    return load_pretrained()
 
 
 def run(max_new_tokens: int = 64, repeats: int = 2, threads: int = 1):
     torch.set_num_threads(threads)
-    model, tok, stats, trained = load_model_or_random()
+    model, tok, stats = load_model()
     print(f"model: TinyMTP, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{str(next(model.parameters()).dtype).replace('torch.', '')}, {threads} thread(s), "
-          f"{model.n_heads} heads, {'trained (bundled)' if trained else 'random'}; "
+          f"{model.n_heads} heads, trained (bundled); "
           f"co-occurrence statistics: {'%d tokens' % stats.num_tokens if stats is not None else 'none'}\n")
     totals = {}
     for prompt in PROMPTS:

@@ -1,7 +1,9 @@
 """The DynaMo step policy in plain torch (used by ``decoding``; the CPU path and the CUDA reference).
 
 From the head logits at a row's last position, ``(B, H, V)``, decide how many tokens the row
-emits this step and which ones. The algorithm (Tuli et al. 2024, DESIGN.md) per row:
+emits this step and which ones. The algorithm (Tuli et al. 2024; the choices where the paper is
+ambiguous are marked *choice* and listed in README.md, "Design choices where the paper is
+ambiguous") per row:
 
 1. temperature (sampling only), then per head the top-``k`` tokens and their probabilities
    under the full softmax;
@@ -10,9 +12,9 @@ emits this step and which ones. The algorithm (Tuli et al. 2024, DESIGN.md) per 
    * ``J = prod_h p_h(x_h)``, the heads' independent joint probability;
    * static threshold (*choice:* one order-dependent threshold ``tau_n = eps_b ** (n-1)``,
      applied to the heads' joint *probability* before co-occurrence weighting, which makes
-     DESIGN's "zero cells below eps_b" and "back off when all cells are below eps_b ** (n-1)"
-     one rule): cells with ``J <= tau_n`` are dropped. ``eps_b = 1`` therefore always backs
-     off to one token and ``eps_b = 0`` keeps every cell;
+     the paper's two rules, zero the cells below ``eps_b`` and back off when every cell is below
+     ``eps_b ** (n-1)``, one rule): cells with ``J <= tau_n`` are dropped. ``eps_b = 1``
+     therefore always backs off to one token and ``eps_b = 0`` keeps every cell;
    * co-occurrence weighting ``J *= w(x1..xn)``, ``w = (p^(x1..xn) / prod p^(x_h)) ** alpha_c``;
      an n-gram the statistics never saw has ``w = 0`` and is dropped. (*Choice:* no
      renormalisation of the weighted ``J``: everything after this point — Otsu, argmax, a draw

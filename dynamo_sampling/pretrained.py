@@ -6,17 +6,26 @@ trained on the Python standard library, see README "The bundled model"), ``token
 co-occurrence statistics are not shipped (tens of MB): they are built on first use from this
 interpreter's standard library train split with the bundled tokenizer (a few seconds, reported in
 one line on stderr) and cached as ``.npz`` under ``$DYNAMO_SAMPLING_CACHE`` or
-``~/.cache/dynamo_sampling``; a damaged cached file is rebuilt, also with one line on stderr.
+``~/.cache/dynamo_sampling``; a damaged cached file is rebuilt, also with one line on stderr. The
+cache file's name (:func:`stats_cache_path`) holds what the statistics were built from: the
+tokenizer's sha256, the order, the Python version and :func:`corpus.split_fingerprint` of the train
+split, so two interpreters never share statistics of different standard libraries.
+
+Depends on ``models``, ``cooccurrence``, ``tokenizer`` and ``corpus`` only: loading the bundled
+model never imports ``dynamo_sampling.train``.
 """
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from . import corpus
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -67,13 +76,25 @@ def cache_dir() -> Path:
 def build_stdlib_stats(tokenizer_path, vocab_size: int, max_order: int, root=None, progress: bool = False):
     """Co-occurrence statistics of the standard library's train split, tokenised with ``tokenizer_path``."""
     from .cooccurrence import CooccurrenceStats, tokenizer_fingerprint
-    from .train.corpus import load_split
-    from .train.tokenizer import encode_documents, load_tokenizer
+    from .tokenizer import encode_documents, load_tokenizer
 
     tok = load_tokenizer(str(tokenizer_path))
-    docs = encode_documents(tok, [text for _, text in load_split("train", root)])
+    docs = encode_documents(tok, [text for _, text in corpus.load_split("train", root)])
     return CooccurrenceStats.build([d for d in docs if len(d)], vocab_size=vocab_size, max_order=max_order,
                                    tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_path), progress=progress)
+
+
+def stats_cache_path(tokenizer_fingerprint: str, max_order: int, root=None) -> Path:
+    """Where :func:`load_pretrained` caches the statistics built by :func:`build_stdlib_stats`.
+
+    The name holds everything they were built from: the tokenizer's sha256, the order, this
+    interpreter's Python version and :func:`corpus.split_fingerprint` of the train split under
+    ``root`` (default: this interpreter's standard library; relative paths, sizes, mtimes, no
+    file reads), e.g. ``stdlib-stats-<tok 16 hex>-o3-py3.11.4-<corpus 16 hex>.npz``.
+    """
+    corpus_fp = corpus.split_fingerprint("train", root)
+    return cache_dir() / (f"stdlib-stats-{tokenizer_fingerprint[:16]}-o{max_order}"
+                          f"-py{platform.python_version()}-{corpus_fp[:16]}.npz")
 
 
 def load_pretrained(path: Optional[str] = None, device="cpu", with_stats: bool = True, dtype="auto"):
@@ -92,15 +113,15 @@ def load_pretrained(path: Optional[str] = None, device="cpu", with_stats: bool =
     (model TinyMTP in eval mode, tokenizer ``tokenizers.Tokenizer``, stats ``CooccurrenceStats`` or None)
     """
     from .cooccurrence import CooccurrenceStats, tokenizer_fingerprint
-    from .train.tokenizer import load_tokenizer
-    from .train.trainer import load_model
+    from .models.tiny import TinyMTP
+    from .tokenizer import load_tokenizer
 
     root = Path(path) if path is not None else PRETRAINED_DIR
     missing = [f for f in REQUIRED_FILES if not (root / f).is_file()]
     if missing:
         raise FileNotFoundError(f"pretrained model directory {root} lacks {missing}; expected {list(REQUIRED_FILES)}")
     dtype = resolve_dtype(dtype, device)
-    model = load_model(str(root), device=device, dtype=dtype)
+    model = TinyMTP.from_pretrained(str(root), device=device, dtype=dtype)
     try:
         tokenizer = load_tokenizer(str(root / "tokenizer.json"))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
@@ -111,7 +132,7 @@ def load_pretrained(path: Optional[str] = None, device="cpu", with_stats: bool =
     if with_stats:
         fp = tokenizer_fingerprint(root / "tokenizer.json")
         order = max(2, model.n_heads)
-        cached = cache_dir() / f"stdlib-stats-{fp[:16]}-o{order}.npz"
+        cached = stats_cache_path(fp, order)
         if cached.is_file():
             try:
                 stats = CooccurrenceStats.load(str(cached), vocab_size=model.vocab_size, tokenizer_fingerprint=fp)

@@ -3,7 +3,7 @@
 Used by ``evals/quality_vs_speed.py``, ``evals/perplexity.py`` and ``benchmarks/``. Resolution order
 for the model:
 
-1. ``--model-dir DIR`` (a directory written by ``train.trainer.save_model``);
+1. ``--model-dir DIR`` (a directory written by ``TinyMTP.save_pretrained``);
 2. ``--random-model``: a randomly initialised TinyMTP of the bundled shape (development only);
 3. ``dynamo_sampling.load_pretrained()`` when the library has it (returns model, tokenizer, stats);
 4. ``runs/tiny/final`` (the training run's output).
@@ -30,9 +30,8 @@ if str(ROOT) not in sys.path:  # scripts run as ``python evals/x.py`` from anywh
     sys.path.insert(0, str(ROOT))
 
 from dynamo_sampling.cooccurrence import CooccurrenceStats, tokenizer_fingerprint  # noqa: E402
-from dynamo_sampling.models.tiny import TinyMTP, TinyMTPConfig  # noqa: E402
-from dynamo_sampling.train.tokenizer import load_tokenizer  # noqa: E402
-from dynamo_sampling.train.trainer import load_model  # noqa: E402
+from dynamo_sampling.models.tiny import TinyMTP, TinyMTPConfig, load_model  # noqa: E402
+from dynamo_sampling.tokenizer import load_tokenizer  # noqa: E402
 
 DEFAULT_MODEL_DIR = "runs/tiny/final"
 DEFAULT_TOKENIZER = "runs/data/tokenizer.json"

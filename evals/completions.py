@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dynamo_sampling import load_pretrained, sample  # noqa: E402
-from dynamo_sampling.train.corpus import load_split  # noqa: E402
+from dynamo_sampling.corpus import load_split  # noqa: E402
 
 
 def function_headers(n: int):

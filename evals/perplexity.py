@@ -122,8 +122,9 @@ def load_tokens(args, tokenizer) -> tuple:
     path = Path(args.data_dir, f"{args.split}.npy")
     if path.is_file():
         return np.load(path), f"file:{path}"
-    from dynamo_sampling.train import corpus
-    from dynamo_sampling.train.tokenizer import encode_documents, pack_documents
+    from dynamo_sampling import corpus
+    from dynamo_sampling.tokenizer import encode_documents
+    from dynamo_sampling.train.tokenizer import pack_documents
 
     docs = [text for _, text in corpus.load_split(args.split) if text]
     return pack_documents(encode_documents(tokenizer, docs)), f"stdlib {args.split} split, tokenized now"

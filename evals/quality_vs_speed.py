@@ -81,9 +81,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dynamo_sampling import sample  # noqa: E402
-from dynamo_sampling.train import corpus  # noqa: E402
-from dynamo_sampling.train.tokenizer import EOS_ID, decode, encode  # noqa: E402
+from dynamo_sampling import corpus, sample  # noqa: E402
+from dynamo_sampling.tokenizer import EOS_ID, decode, encode  # noqa: E402
 from evals import metrics  # noqa: E402
 from evals.assets import add_asset_args, load_assets, machine_info, machine_line  # noqa: E402
 

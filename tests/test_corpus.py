@@ -9,18 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dynamo_sampling.train import corpus
-from dynamo_sampling.train.tokenizer import (
-    EOS_ID,
-    EOS_TOKEN,
-    decode,
-    encode,
-    encode_documents,
-    load_tokenizer,
-    pack_documents,
-    prepare_data,
-    train_tokenizer,
-)
+from dynamo_sampling import corpus
+from dynamo_sampling.tokenizer import EOS_ID, EOS_TOKEN, decode, encode, encode_documents, file_sha256, load_tokenizer
+from dynamo_sampling.train.tokenizer import pack_documents, prepare_data, train_tokenizer
 
 SMALL_VOCAB = 500
 
@@ -258,3 +249,57 @@ def test_prepare_data_tiny_root_writes_files_and_is_deterministic(tmp_path):
             assert int((arr == EOS_ID).sum()) == len(docs) - 1
             pieces = np.split(arr, np.flatnonzero(arr == EOS_ID))
             assert [decode(tok, p[p != EOS_ID]) for p in pieces] == [t for _, t in docs]
+
+
+def test_train_modules_reexport_the_shared_corpus_and_tokenizer_loading():
+    """Training code keeps its old import paths; inference and training share one implementation."""
+    import dynamo_sampling.cooccurrence as cooccurrence
+    import dynamo_sampling.train.corpus as train_corpus
+    import dynamo_sampling.train.tokenizer as train_tokenizer_module
+
+    assert train_corpus.load_split is corpus.load_split and train_corpus.split_of is corpus.split_of
+    assert train_tokenizer_module.load_tokenizer is load_tokenizer and train_tokenizer_module.EOS_ID == EOS_ID
+    assert train_tokenizer_module.file_sha256 is file_sha256 is cooccurrence.tokenizer_fingerprint
+
+
+def test_file_sha256_is_the_digest_of_the_bytes(tmp_path):
+    import hashlib
+
+    data = np.random.default_rng(0).bytes(3 * (1 << 20) + 17)  # several 1 MiB blocks and a tail
+    (tmp_path / "f.bin").write_bytes(data)
+    assert file_sha256(tmp_path / "f.bin") == hashlib.sha256(data).hexdigest()
+    assert file_sha256(str(tmp_path / "f.bin")) == hashlib.sha256(data).hexdigest()
+
+
+def _train_file(root: Path, stem: str, split: str = "train") -> Path:
+    """A new file of ``split`` under ``root`` (names are tried until one hashes into ``split``)."""
+    for i in range(1000):
+        name = f"{stem}{i}.py"
+        if corpus.split_of(name) == split and not (root / name).exists():
+            path = root / name
+            path.write_text("x = 1\n")
+            return path
+    raise AssertionError(f"no name hashed into {split}")
+
+
+def test_split_fingerprint_follows_the_split_files(tmp_path):
+    """Same files: same digest; a file added, resized or touched in the split: another; other splits: no change."""
+    import os
+
+    for stem in ("a", "b", "c"):
+        _train_file(tmp_path, stem)
+    fp = corpus.split_fingerprint("train", tmp_path)
+    assert len(fp) == 64 and corpus.split_fingerprint("train", tmp_path) == fp
+    _train_file(tmp_path, "other", split="test")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "t.py").write_text("excluded\n")
+    assert corpus.split_fingerprint("train", tmp_path) == fp  # a test-split file, an excluded file
+    digests = {fp}
+    added = _train_file(tmp_path, "d")
+    digests.add(corpus.split_fingerprint("train", tmp_path))
+    added.write_text("x = 22\n")  # one byte longer
+    digests.add(corpus.split_fingerprint("train", tmp_path))
+    st = added.stat()
+    os.utime(added, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same size, new mtime
+    digests.add(corpus.split_fingerprint("train", tmp_path))
+    assert len(digests) == 4

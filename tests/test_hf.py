@@ -323,11 +323,20 @@ def test_heads_file_for_another_base_model_is_refused(tmp_path):
 
 
 def test_train_base_true_trains_the_base_at_low_lr(corpus):
+    """One AdamW step moves each weight by about its group's lr (m / sqrt(v) = +-1 at step 1), so the
+    largest change of a base weight is the heads' lr times ``stem_lr_scale`` (default 0.1)."""
     base = make_base("llama", initializer_range=0.02)
     model = make_wrapper(base)
-    w0 = base.lm_head.weight.detach().clone()
-    train_heads(model, corpus[0], steps=5, batch_size=2, seq_len=16, lr=1e-2, train_base=True, warmup_steps=1)
-    assert not torch.equal(base.lm_head.weight, w0)
+    head_params = [p for i in range(1, model.n_heads) for m in (model.head_layers[i], model.head_norms[i])
+                   for p in m.parameters()]
+    base_params = list(base.parameters())
+    before = [p.detach().clone() for p in base_params + head_params]
+    lr = 1e-2
+    train_heads(model, corpus[0], steps=1, batch_size=2, seq_len=16, lr=lr, train_base=True, warmup_steps=1)
+    moved = [(p.detach() - p0).abs().max().item() for p, p0 in zip(base_params + head_params, before)]
+    base_moved, heads_moved = max(moved[:len(base_params)]), max(moved[len(base_params):])
+    assert heads_moved == pytest.approx(lr, rel=0.05)
+    assert base_moved == pytest.approx(0.1 * lr, rel=0.05)  # trained, at a tenth of the heads' lr
 
 
 def test_errors_at_the_boundary():

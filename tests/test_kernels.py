@@ -946,11 +946,14 @@ def test_emu_joint_draws_are_distributed_like_the_reference(emu):
 
 
 def test_emu_sampling_is_reproducible_for_a_seeded_generator(emu):
-    x = _step_logits(4, 3, 200, seed=5)
+    x = _step_logits(8, 3, 200, seed=5)
     cfg = DynamoConfig(k=5, eps_b=0.02)
-    runs = [kernels._dynamo_step_impl(x, cfg, EmuLauncher(emu), do_sample=True,
-                                      generator=torch.Generator().manual_seed(s)) for s in (3, 3)]
-    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    run = lambda seed: kernels._dynamo_step_impl(x, cfg, EmuLauncher(emu), do_sample=True,  # noqa: E731
+                                                 generator=torch.Generator().manual_seed(seed))
+    first = run(3)
+    again = run(3)
+    assert torch.equal(first.tokens, again.tokens) and torch.equal(first.n, again.n)
+    assert not torch.equal(run(4).tokens, first.tokens)  # the draws do depend on the generator
 
 
 # ====================================================================== GPU
@@ -1028,8 +1031,8 @@ def test_gpu_greedy_step_matches_reference(B, H, V, k, dtype, cfgkw, use_stats, 
     out = kernels._dynamo_step_impl(x, cfg, kernels._CupyLauncher(dev), _out=bufs, **kw)
     _assert_no_poison(bufs)
     _assert_step_matches(out, x, kw, cfg)
-    out2 = kernels.cuda_dynamo_step(x, cfg, **kw)  # the public entry point agrees with itself
-    assert torch.equal(out2.tokens, out.tokens) and torch.equal(out2.n, out.n)
+    # the public entry point keeps the reference's promise too (every argument reaches the kernels)
+    _assert_step_matches(kernels.cuda_dynamo_step(x, cfg, **kw), x, kw, cfg)
 
 
 @gpu
@@ -1076,14 +1079,17 @@ def test_gpu_sampled_steps_are_distributed_like_the_reference(H, k, V, speculati
 def test_gpu_seeded_generator_is_reproducible_and_runs_on_the_current_stream():
     x = _step_logits(64, 3, 8192, seed=2).cuda()
     cfg = DynamoConfig(k=8, eps_b=0.02)
+    run = lambda generator: kernels.cuda_dynamo_step(x, cfg, do_sample=True, generator=generator)  # noqa: E731
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
-        a = kernels.cuda_dynamo_step(x, cfg, do_sample=True, generator=torch.Generator(device="cuda").manual_seed(4))
+        a = run(torch.Generator(device="cuda").manual_seed(4))
     s.synchronize()
-    b = kernels.cuda_dynamo_step(x, cfg, do_sample=True, generator=torch.Generator(device="cuda").manual_seed(4))
-    assert torch.equal(a.tokens, b.tokens)
-    c = kernels.cuda_dynamo_step(x, cfg, do_sample=True, generator=torch.Generator().manual_seed(4))  # CPU generator
-    assert c.tokens.shape == (64, 3)
+    assert torch.equal(run(torch.Generator(device="cuda").manual_seed(4)).tokens, a.tokens)
+    assert not torch.equal(run(torch.Generator(device="cuda").manual_seed(5)).tokens, a.tokens)
+    # a CPU generator: its seeds are read on the host and passed as kernel arguments, same rules
+    c = run(torch.Generator().manual_seed(4))
+    assert torch.equal(run(torch.Generator().manual_seed(4)).tokens, c.tokens)
+    assert not torch.equal(run(torch.Generator().manual_seed(5)).tokens, c.tokens)
 
 
 @gpu

@@ -1,4 +1,6 @@
 """TinyMTP: the cache, padding and the heads argument."""
+import copy
+
 import pytest
 import torch
 
@@ -56,9 +58,22 @@ def test_heads_argument_computes_leading_heads_only(model):
         model(ids, pos, heads=4)
 
 
-def test_heads_are_distinct_modules(model):
-    assert len({id(m) for m in model.head_layers}) == model.n_heads
-    assert model.head_layers[0].qkv.weight.data_ptr() != model.head_layers[1].qkv.weight.data_ptr()
+@torch.no_grad()
+@pytest.mark.parametrize("reference", [False, True])
+def test_heads_are_distinct_modules(model, reference):
+    """The heads share no weights: changing head h's extra layer changes head h's logits only."""
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(9).expand(2, 9)
+    before = model(ids, pos, reference=reference)  # (2, 9, 3, 97)
+    g = torch.Generator().manual_seed(2)
+    for h in range(model.n_heads):
+        changed = copy.deepcopy(model)
+        for param in changed.head_layers[h].parameters():
+            param.add_(torch.randn(param.shape, generator=g) * 0.5)
+        after = changed(ids, pos, reference=reference)
+        others = [i for i in range(model.n_heads) if i != h]
+        assert torch.allclose(after[:, :, others], before[:, :, others], atol=TOL, rtol=0)
+        assert not torch.allclose(after[:, :, h], before[:, :, h], atol=1e-3)
 
 
 def test_config_round_trip_and_errors():

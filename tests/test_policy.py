@@ -93,11 +93,14 @@ def test_never_emits_unseen_pair_after_a(stats_b_after_a, do_sample):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(400, 3, V, generator=g)
     logits[:, 0, a] = 8.0  # head 1 is sure about a
-    logits[:, 1, b] = -8.0  # head 2 dislikes b: without statistics (a, c != b) would win
+    # head 2 keeps b in its top 10 but mostly prefers another token: without statistics (a, c != b)
+    # wins, with them only (a, b) was ever seen after a
+    logits[:, 1, b] = 1.5
     cfg = DynamoConfig(k=10, eps_b=0.0, alpha_c=1.0)
     out = dynamo_step(logits, cfg, stats=stats, do_sample=do_sample, generator=g)
     rows = (out.tokens[:, 0] == a) & (out.n >= 2)
-    assert rows.sum() == 0 or (out.tokens[rows, 1] == b).all()
+    assert rows.sum() >= 300  # the case under test happens (on most rows)
+    assert (out.tokens[rows, 1] == b).all()
     # with statistics off, the heads' favourite (a, c != b) pairs do get emitted
     off = dynamo_step(logits, DynamoConfig(k=10, eps_b=0.0, alpha_c=0.0), do_sample=do_sample, generator=g)
     assert ((off.tokens[:, 0] == a) & (off.tokens[:, 1] != b)).any()

@@ -1,8 +1,12 @@
 """Training recipe and the bundled-model loader."""
 import io
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -13,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from dynamo_sampling import TinyMTP, TinyMTPConfig
 from dynamo_sampling.cooccurrence import CooccurrenceStats, tokenizer_fingerprint
 from dynamo_sampling.pretrained import PRETRAINED_DIR, load_pretrained
-from dynamo_sampling.train.trainer import TrainConfig, head_losses, load_model, save_model, train
+from dynamo_sampling.train.trainer import TrainConfig, head_losses, train
 
 MODEL = dict(n_layer=2, n_heads=3, d_model=32, n_attn_heads=4, d_ff=64, max_seq_len=64)
 
@@ -46,7 +50,7 @@ def test_short_training_lowers_every_head_loss(tiny_data, tmp_path, recipe):
         assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5, (recipe, h, losses[:5], losses[-5:])
     if recipe == "dynamo":
         assert [r["phase"] for r in hist][:32] == [1] * 32 and hist[-1]["phase"] == 2
-    model = load_model(str(tmp_path / "final"))
+    model = TinyMTP.from_pretrained(str(tmp_path / "final"))
     assert model.n_heads == H and (tmp_path / "summary.json").is_file()
 
 
@@ -81,11 +85,26 @@ def test_per_head_backward_equals_summed_loss_gradient():
 def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     m = TinyMTP(TinyMTPConfig(vocab_size=50, **MODEL)).eval()
-    save_model(m, str(tmp_path), dtype=torch.float32)
-    m2 = load_model(str(tmp_path))
+    m.save_pretrained(str(tmp_path), dtype=torch.float32)
+    m2 = TinyMTP.from_pretrained(str(tmp_path))
     ids = torch.randint(0, 50, (1, 7))
     pos = torch.arange(7)[None]
     assert torch.equal(m(ids, pos), m2(ids, pos))
+
+
+def test_trainer_checkpoint_functions_still_round_trip(tmp_path):
+    """``train.trainer.save_model`` / ``load_model`` (the old names) write and read the model's format."""
+    from dynamo_sampling.train.trainer import load_model, save_model
+
+    torch.manual_seed(0)
+    m = TinyMTP(TinyMTPConfig(vocab_size=50, **MODEL)).eval()
+    save_model(m, str(tmp_path / "old"), dtype=torch.float32)
+    m.save_pretrained(str(tmp_path / "new"), dtype=torch.float32)
+    ids, pos = torch.randint(0, 50, (1, 7)), torch.arange(7)[None]
+    assert torch.equal(TinyMTP.from_pretrained(str(tmp_path / "old"))(ids, pos), m(ids, pos))
+    assert torch.equal(load_model(str(tmp_path / "new"))(ids, pos), m(ids, pos))
+    bf16 = TinyMTP.from_pretrained(str(tmp_path / "new"), device="cpu", dtype=torch.bfloat16)
+    assert bf16.embed.weight.dtype == torch.bfloat16 and not bf16.training
 
 
 def test_load_pretrained_missing_and_corrupted(tmp_path):
@@ -106,7 +125,7 @@ def test_load_pretrained_missing_and_corrupted(tmp_path):
 
 def _save_tiny(path):
     torch.manual_seed(0)
-    save_model(TinyMTP(TinyMTPConfig(vocab_size=50, **MODEL)), str(path), dtype=torch.float32)
+    TinyMTP(TinyMTPConfig(vocab_size=50, **MODEL)).save_pretrained(str(path), dtype=torch.float32)
 
 
 def _edit_config(**changes):
@@ -164,7 +183,7 @@ def test_load_model_refuses_malformed_files_naming_them(tmp_path, case):
     _save_tiny(tmp_path)
     damage(tmp_path)
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / blamed)) + ".*" + found):
-        load_model(str(tmp_path))
+        TinyMTP.from_pretrained(str(tmp_path))
 
 
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
@@ -172,7 +191,7 @@ def test_load_model_names_a_missing_file(tmp_path, name):
     _save_tiny(tmp_path)
     (tmp_path / name).unlink()
     with pytest.raises(FileNotFoundError, match=re.escape(f"model file {tmp_path / name} is missing")):
-        load_model(str(tmp_path))
+        TinyMTP.from_pretrained(str(tmp_path))
 
 
 needs_bundled = pytest.mark.skipif(not (PRETRAINED_DIR / "model.safetensors").is_file(),
@@ -181,8 +200,12 @@ needs_bundled = pytest.mark.skipif(not (PRETRAINED_DIR / "model.safetensors").is
 
 def _stats_cache_path(cache):
     """Where load_pretrained caches the bundled model's statistics (order 3: its three heads)."""
+    from dynamo_sampling.pretrained import stats_cache_path
+
     fp = tokenizer_fingerprint(PRETRAINED_DIR / "tokenizer.json")
-    return cache / f"stdlib-stats-{fp[:16]}-o3.npz"
+    path = stats_cache_path(fp, 3)
+    assert path.parent == cache and path.name.startswith(f"stdlib-stats-{fp[:16]}-o3-py"), path
+    return path
 
 
 def _tiny_stats_saver(vocab_size=8192, fingerprint=None):
@@ -268,3 +291,72 @@ def test_bundled_model_loads_offline_and_reproduces_recorded_completion():
         out = sample(model, ids, strategy=strategy, max_new_tokens=record["max_new_tokens"])
         assert out[0, ids.shape[1]:].tolist() == record["new_token_ids"], strategy
     assert sum(f.stat().st_size for f in PRETRAINED_DIR.iterdir()) < 25 * 2 ** 20
+
+
+@needs_bundled
+def test_stats_cache_is_keyed_by_python_version_and_corpus(tmp_path, monkeypatch, capsys):
+    """Statistics built under another Python or from other stdlib files go to another cache file."""
+    import dynamo_sampling.pretrained as pretrained
+
+    monkeypatch.setenv("DYNAMO_SAMPLING_CACHE", str(tmp_path))
+    built = []
+
+    def tiny_build(tokenizer_path, vocab_size, max_order, root=None, progress=False):
+        built.append(len(built))
+        return CooccurrenceStats.build(np.arange(30 + len(built)) % 11, vocab_size, max_order,
+                                       tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_path))
+
+    monkeypatch.setattr(pretrained, "build_stdlib_stats", tiny_build)
+    tokens = []
+
+    def load():
+        stats = load_pretrained(dtype="float32")[2]
+        tokens.append(stats.num_tokens)
+        return sorted(p.name for p in tmp_path.iterdir())
+
+    first = load()
+    assert load() == first and built == [0] and tokens == [31, 31]  # same interpreter, same files: cached
+    monkeypatch.setattr(pretrained.corpus, "split_fingerprint", lambda split="train", root=None: "e" * 64)
+    other_files = load()
+    assert built == [0, 1] and tokens[-1] == 32 and len(other_files) == 2
+    monkeypatch.setattr(pretrained.platform, "python_version", lambda: "3.99.0")
+    other_python = load()
+    assert built == [0, 1, 2] and tokens[-1] == 33 and len(other_python) == 3
+    assert any("-py3.99.0-eeeeeeeeeeeeeeee.npz" in name for name in other_python), other_python
+    monkeypatch.undo()
+    monkeypatch.setenv("DYNAMO_SAMPLING_CACHE", str(tmp_path))
+    monkeypatch.setattr(pretrained, "build_stdlib_stats", tiny_build)
+    assert load() == other_python and built == [0, 1, 2] and tokens[-1] == 31  # the first file, reused
+    capsys.readouterr()
+
+
+@needs_bundled
+def test_inference_never_imports_the_training_package(tmp_path):
+    """load_pretrained (building and loading statistics), sample and generate_text run without
+    ``dynamo_sampling.train`` (in a fresh interpreter: other tests import it here)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "mod.py").write_text("def f(x):\n    return x + 1\n" * 50)
+    code = textwrap.dedent(f"""
+        import sys, torch
+        import dynamo_sampling
+        from dynamo_sampling import generate_text, load_pretrained, sample
+        from dynamo_sampling.cooccurrence import tokenizer_fingerprint
+        from dynamo_sampling.pretrained import PRETRAINED_DIR, build_stdlib_stats, stats_cache_path
+        tok_path = PRETRAINED_DIR / "tokenizer.json"
+        stats = build_stdlib_stats(tok_path, 8192, 3, root={str(src)!r})
+        cached = stats_cache_path(tokenizer_fingerprint(tok_path), 3)
+        cached.parent.mkdir(parents=True)
+        stats.save(str(cached))
+        model, tok, stats = load_pretrained(dtype="float32")
+        assert stats.num_tokens > 100, stats.num_tokens
+        ids = torch.tensor([tok.encode("def f(x):").ids])
+        sample(model, ids, strategy="dynamo", max_new_tokens=4, stats=stats)
+        generate_text(model, tok, ["import os"], max_new_tokens=4)
+        loaded = sorted(m for m in sys.modules if m.startswith("dynamo_sampling.train"))
+        assert not loaded, loaded
+        print("ok")
+    """)
+    env = {**os.environ, "DYNAMO_SAMPLING_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]

@@ -24,7 +24,7 @@ pay for heads it does not use); a cache filled with ``heads=1`` holds no keys fo
 ``output_hidden`` + ``head_logits`` let the decoder unembed only the rows it uses (the unembedding
 is the largest matmul of a small model).
 
-Two implementations of the forward (DESIGN "What a step costs"): the per-layer :class:`Block`
+Two implementations of the forward (README.md, "What a step costs"): the per-layer :class:`Block`
 modules (the reference, and what training differentiates through) and, for inference, the
 grouped path: per forward one :class:`FeedPlan` (rotary tables, mask, cache slots) shared by every
 layer; heads 1..H, which all read the stem output, run as one :func:`grouped_block` on stacked
@@ -189,7 +189,11 @@ class Block(nn.Module):
             cv[b_idx, :, p_idx] = v[b_idx, :, t_idx].to(cv.dtype)
             keys, values = ck[:, :, :n_slots].to(q.dtype), cv[:, :, :n_slots].to(q.dtype)
             key_pos = torch.arange(n_slots, device=x.device).expand(B, n_slots)
-        # query at position p sees keys at positions <= p; a padding query sees only itself-free slot 0
+        # a real query at position p sees the keys at positions <= p (padding keys never: their key_pos
+        # is int64 max without a cache, and with one they are never written). A padding query is
+        # given position 0 only so that its mask row is not empty (an all-False row can give NaN,
+        # depending on the torch version and backend): with a cache it sees slot 0 alone; its output
+        # is garbage and discarded.
         q_pos = torch.where(valid, positions, 0)
         mask = key_pos[:, None, None, :] <= q_pos[:, None, :, None]  # (B, 1, T, S)
         if cache is None:
@@ -398,6 +402,19 @@ class TinyMTP(nn.Module):
         plan = FeedPlan(positions, self.config.head_dim, self.config.rope_base, cache)
         return self._fast_heads(h_stem, plan, cache, 1, H)
 
+    # ------------------------------------------------------------ checkpoints
+
+    def save_pretrained(self, path, dtype=torch.bfloat16) -> None:
+        """Write this model to directory ``path`` (``model.safetensors`` in ``dtype`` + ``config.json``);
+        :meth:`from_pretrained` reads it back. See :func:`save_model`."""
+        save_model(self, path, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "TinyMTP":
+        """The TinyMTP saved in directory ``path`` by :meth:`save_pretrained`, on ``device`` in ``dtype``,
+        in eval mode; errors name the file and what was expected. See :func:`load_model`."""
+        return load_model(path, device=device, dtype=dtype)
+
     # ------------------------------------------------------------ the protocol
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -439,3 +456,99 @@ class TinyMTP(nn.Module):
             hidden = hidden.gather(1, logits_index[:, :, None, None].expand(-1, -1, *hidden.shape[2:]))
         out = hidden if output_hidden else self.head_logits(hidden)
         return (out, h_stem) if output_stem else out
+
+
+# ----------------------------------------------------------------------------
+# Checkpoint I/O: ``model.safetensors`` + ``config.json`` in one directory (used by
+# ``pretrained.load_pretrained``, the evals, and training, which re-exports these as
+# ``train.trainer.save_model`` / ``load_model``). Defined here, after the class, and attached
+# to it as ``TinyMTP.save_pretrained`` / ``TinyMTP.from_pretrained``.
+# ----------------------------------------------------------------------------
+def save_model(model: TinyMTP, path, dtype=torch.bfloat16) -> None:
+    """model.safetensors + config.json into directory ``path`` (weights cast to ``dtype``).
+
+    With tied embeddings the shared matrix is stored once, as ``embed.weight``.
+    """
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items() if k != "unembed.weight"
+             or not model.config.tie_embeddings}
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "dynamo_sampling.TinyMTP"})
+    Path(path, "config.json").write_text(model.config.to_json())
+
+
+def _config_from_json(cfg_path) -> TinyMTPConfig:
+    """The :class:`TinyMTPConfig` of a ``config.json`` written by :func:`save_model`, checked field by field."""
+    import math
+
+    try:
+        d = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"model config {cfg_path} is corrupted: expected JSON written by save_model, {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"model config {cfg_path}: expected a JSON object of TinyMTPConfig fields, "
+                         f"found {type(d).__name__}")
+    known = TinyMTPConfig.__dataclass_fields__  # absent fields take their defaults
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"model config {cfg_path}: expected a subset of the TinyMTPConfig fields {sorted(known)}, "
+                         f"found unknown fields {unknown}")
+    for name, value in d.items():
+        default = known[name].default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        else:  # float fields (rope_base, norm_eps)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+        if not ok:
+            expected = {bool: "true or false", int: "an integer >= 1"}.get(type(default), "a finite number > 0")
+            raise ValueError(f"model config {cfg_path}: expected {name} to be {expected}, found {value!r}")
+    try:
+        return TinyMTPConfig.from_dict(d)
+    except ValueError as e:
+        raise ValueError(f"model config {cfg_path}: {e}") from None
+
+
+def load_model(path, device="cpu", dtype=torch.float32) -> TinyMTP:
+    """Inverse of :func:`save_model`: the TinyMTP of directory ``path``, in eval mode.
+
+    Raises ``FileNotFoundError`` naming a missing ``config.json`` / ``model.safetensors``, and
+    ``ValueError`` naming the file and what was expected for a corrupted or inconsistent one (not
+    JSON, unknown or badly typed config fields, not safetensors, missing, unexpected, misshapen or
+    non-float tensors).
+    """
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    cfg_path, w_path = Path(path, "config.json"), Path(path, "model.safetensors")
+    for f in (cfg_path, w_path):
+        if not f.is_file():
+            raise FileNotFoundError(f"model file {f} is missing; expected config.json and model.safetensors in {path}")
+    cfg = _config_from_json(cfg_path)
+    try:
+        state = load_file(str(w_path))
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise ValueError(f"model weights {w_path} are corrupted or not safetensors: {e}") from e
+    model = TinyMTP(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        del expected["unembed.weight"]  # save_model stores the shared matrix once, as embed.weight
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"model weights {w_path}: expected the tensors of the model in {cfg_path}, found "
+                         f"{len(missing)} missing {missing[:5]} and {len(unexpected)} unexpected {unexpected[:5]}")
+    for name, shape in expected.items():
+        t = state[name]
+        if t.shape != shape or not t.is_floating_point():
+            raise ValueError(f"model weights {w_path}: expected {name} to be a float tensor of shape "
+                             f"{tuple(shape)} (from {cfg_path}), found {t.dtype} of shape {tuple(t.shape)}")
+    if cfg.tie_embeddings:
+        state["unembed.weight"] = state["embed.weight"]
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.to(device=device, dtype=dtype).eval()

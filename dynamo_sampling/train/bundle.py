@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from ..models.tiny import load_model, save_model
 from ..pretrained import PRETRAINED_DIR, load_pretrained
 from ..sampling import sample
-from .trainer import load_model, save_model
 
 RECORD_PROMPT = "def read_config(path):\n    \"\"\"Read a configuration file and return a dict.\"\"\"\n"
 

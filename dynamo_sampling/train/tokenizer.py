@@ -1,7 +1,7 @@
 """Byte-level BPE tokenizer and tokenized-data preparation for the stdlib corpus.
 
 ``prepare_data`` trains a byte-level BPE tokenizer on the *train* split of
-:mod:`dynamo_sampling.train.corpus`, then encodes all three splits into flat
+:mod:`dynamo_sampling.corpus`, then encodes all three splits into flat
 uint16 token arrays with ``<|endoftext|>`` (id 0) between documents::
 
     python -m dynamo_sampling.train.tokenizer --out runs/data --vocab-size 8192
@@ -12,12 +12,15 @@ writes ``tokenizer.json``, ``train.npy``, ``val.npy``, ``test.npy`` and
 The tokenizer is lossless: ``decode(encode(text)) == text`` for any text
 (every byte is in the base alphabet, there is no normalizer, no prefix space,
 and the special token is never matched inside ordinary text).
+
+Loading and using a trained tokenizer (``load_tokenizer``, ``encode``, ``decode``,
+``encode_documents``, ``EOS_ID``, ``file_sha256``) lives in :mod:`dynamo_sampling.tokenizer`,
+shared with inference; this module re-exports those names.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -27,7 +30,18 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from . import corpus
+from .. import corpus
+from ..tokenizer import (  # noqa: F401  (re-exported: loading is shared with inference)
+    EOS_ID,
+    EOS_TOKEN,
+    MAX_UINT16_VOCAB as _MAX_UINT16_VOCAB,
+    configure as _configure,
+    decode,
+    encode,
+    encode_documents,
+    file_sha256,
+    load_tokenizer,
+)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
@@ -46,17 +60,6 @@ __all__ = [
     "file_sha256",
     "main",
 ]
-
-EOS_TOKEN = "<|endoftext|>"
-EOS_ID = 0
-_MAX_UINT16_VOCAB = 1 << 16
-
-
-def _configure(tok: Tokenizer) -> Tokenizer:
-    # Text that happens to contain "<|endoftext|>" is encoded as plain bytes;
-    # EOS only ever enters token streams by id (pack_documents).
-    tok.encode_special_tokens = True
-    return tok
 
 
 def train_tokenizer(
@@ -87,32 +90,6 @@ def train_tokenizer(
     return _configure(tok)
 
 
-def load_tokenizer(path) -> Tokenizer:
-    """Load a tokenizer saved by :func:`prepare_data` / ``Tokenizer.save``."""
-    tok = Tokenizer.from_file(str(path))
-    if tok.token_to_id(EOS_TOKEN) != EOS_ID:
-        raise ValueError(f"{path}: {EOS_TOKEN!r} is not id {EOS_ID}")
-    return _configure(tok)
-
-
-def encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` (no special tokens added)."""
-    return tokenizer.encode(text, add_special_tokens=False).ids
-
-
-def decode(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
-    """Exact inverse of :func:`encode` (special tokens are kept, not skipped)."""
-    return tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
-
-
-def encode_documents(tokenizer: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
-    """Encode each text (parallel ``encode_batch``) to a uint16 array."""
-    if tokenizer.get_vocab_size() > _MAX_UINT16_VOCAB:
-        raise ValueError("vocab too large for uint16 ids")
-    encs = tokenizer.encode_batch(list(texts), add_special_tokens=False)
-    return [np.asarray(e.ids, dtype=np.uint16) for e in encs]
-
-
 def pack_documents(docs: Sequence[np.ndarray], eos_id: int = EOS_ID) -> np.ndarray:
     """Concatenate documents into one uint16 array with ``eos_id`` between them.
 
@@ -131,14 +108,6 @@ def pack_documents(docs: Sequence[np.ndarray], eos_id: int = EOS_ID) -> np.ndarr
         pos += len(d)
     assert pos == total
     return out
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def prepare_data(

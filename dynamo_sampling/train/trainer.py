@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..models.tiny import TinyMTP, TinyMTPConfig
+from ..models.tiny import TinyMTP, TinyMTPConfig, load_model, save_model  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -131,82 +131,6 @@ def _make_optimizer(model, cfg: TrainConfig, phase: int):
         groups.append({"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": scale, "tag": tag})
         groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": scale, "tag": tag})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=False)
-
-
-def save_model(model: TinyMTP, path: str, dtype=torch.bfloat16):
-    """model.safetensors + config.json into directory ``path`` (weights cast to ``dtype``)."""
-    os.makedirs(path, exist_ok=True)
-    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items() if k != "unembed.weight"
-             or not model.config.tie_embeddings}
-    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "dynamo_sampling.TinyMTP"})
-    Path(path, "config.json").write_text(model.config.to_json())
-
-
-def _config_from_json(cfg_path: Path) -> TinyMTPConfig:
-    """The :class:`TinyMTPConfig` of a ``config.json`` written by :func:`save_model`, checked field by field."""
-    try:
-        d = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise ValueError(f"model config {cfg_path} is corrupted: expected JSON written by save_model, {e}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"model config {cfg_path}: expected a JSON object of TinyMTPConfig fields, "
-                         f"found {type(d).__name__}")
-    known = TinyMTPConfig.__dataclass_fields__  # absent fields take their defaults
-    unknown = sorted(set(d) - set(known))
-    if unknown:
-        raise ValueError(f"model config {cfg_path}: expected a subset of the TinyMTPConfig fields {sorted(known)}, "
-                         f"found unknown fields {unknown}")
-    for name, value in d.items():
-        default = known[name].default
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-        else:  # float fields (rope_base, norm_eps)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
-        if not ok:
-            expected = {bool: "true or false", int: "an integer >= 1"}.get(type(default), "a finite number > 0")
-            raise ValueError(f"model config {cfg_path}: expected {name} to be {expected}, found {value!r}")
-    try:
-        return TinyMTPConfig.from_dict(d)
-    except ValueError as e:
-        raise ValueError(f"model config {cfg_path}: {e}") from None
-
-
-def load_model(path: str, device="cpu", dtype=torch.float32) -> TinyMTP:
-    """Inverse of :func:`save_model`: the TinyMTP of directory ``path``, in eval mode.
-
-    Raises ``FileNotFoundError`` naming a missing ``config.json`` / ``model.safetensors``, and
-    ``ValueError`` naming the file and what was expected for a corrupted or inconsistent one (not
-    JSON, unknown or badly typed config fields, not safetensors, missing, unexpected, misshapen or
-    non-float tensors).
-    """
-    cfg_path, w_path = Path(path, "config.json"), Path(path, "model.safetensors")
-    for f in (cfg_path, w_path):
-        if not f.is_file():
-            raise FileNotFoundError(f"model file {f} is missing; expected config.json and model.safetensors in {path}")
-    cfg = _config_from_json(cfg_path)
-    try:
-        state = load_file(str(w_path))
-    except Exception as e:  # safetensors raises its own error types for truncated files
-        raise ValueError(f"model weights {w_path} are corrupted or not safetensors: {e}") from e
-    model = TinyMTP(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings:
-        del expected["unembed.weight"]  # save_model stores the shared matrix once, as embed.weight
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"model weights {w_path}: expected the tensors of the model in {cfg_path}, found "
-                         f"{len(missing)} missing {missing[:5]} and {len(unexpected)} unexpected {unexpected[:5]}")
-    for name, shape in expected.items():
-        t = state[name]
-        if t.shape != shape or not t.is_floating_point():
-            raise ValueError(f"model weights {w_path}: expected {name} to be a float tensor of shape "
-                             f"{tuple(shape)} (from {cfg_path}), found {t.dtype} of shape {tuple(t.shape)}")
-    if cfg.tie_embeddings:
-        state["unembed.weight"] = state["embed.weight"]
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    return model.to(device=device, dtype=dtype).eval()
 
 
 def _save_checkpoint(model, opt, step, cfg: TrainConfig, history, phase=1, phase_start=0):
