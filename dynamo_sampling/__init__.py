@@ -12,7 +12,8 @@ never imported by it (only ``cli`` imports ``train``, for its ``train`` command)
 __version__ = "0.2.0"
 
 from .cooccurrence import CooccurrenceStats
-from .decoding import STRATEGIES, DraftConfig, GenerationOutput
+from .decoding import STRATEGIES, GenerationOutput
+from .drafting import DraftConfig
 from .lookup import LookupConfig
 from .models import KVCache, TinyMTP, TinyMTPConfig
 from .policy import DynamoConfig, StepOutput, dynamo_step

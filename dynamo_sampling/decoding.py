@@ -21,69 +21,24 @@ writes them out and takes the new ``last_logits`` at the row's last kept positio
   (a point-mass draft distribution) and ``heads=1``.
 
 Only head 1 is unembedded at every fed position; heads 2..H only at each row's last kept
-position (dynamo: the last fed one), once verification has said which it is.
+position (dynamo: the last fed one), once verification has said which it is. How drafts are
+sized (step cost, acceptance evidence) lives in ``drafting.py``.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
+from .drafting import STEP_COST, DraftConfig, Evidence, size_drafts, step_cost_tables
 from .lookup import LookupConfig, NgramIndex
 from .policy import DynamoConfig, dynamo_step
 from .samplers import SamplingParams
 
 STRATEGIES = ("ar", "dynamo", "speculative", "lookup")
-
-
-@dataclass
-class DraftConfig:
-    """How ``speculative`` and ``lookup`` size their drafts.
-
-    size_by : "cost" (default): each row drafts the length that maximises expected kept tokens per
-        unit of step cost, the acceptance of a joint draft estimated by the policy's own draft
-        probabilities and that of a lookup draft by the row's running acceptance rate; the joint is
-        then the argmax of the heads' top-``joint_k`` joint (DynaMo's thresholds, designed for the
-        lossy mode, are off). "thresholds": DynaMo's eps_b / Otsu rules (``DynamoConfig``) size the
-        joint's drafts, lookup drafts are used whole.
-    joint_k : top-k per head of the speculative joint under "cost" (the full k = 50 grid of the
-        lossy mode costs milliseconds per step; a draft's first few candidates carry its mass).
-    hybrid : speculative also proposes a lookup draft per row; the better of the two is fed.
-    step_cost : cost of one forward feeding T = 1, 2, ... tokens, relative to T = 1; None measures
-        it once per (model, device, dtype, batch size, heads) in this process.
-    """
-
-    size_by: str = "cost"
-    joint_k: int = 10
-    hybrid: bool = True
-    step_cost: Optional[Sequence[float]] = None
-
-    def validate(self):
-        """Check every field's type and range (``TypeError`` / ``ValueError`` naming it); numpy
-        integers become ints, bools are refused where numbers are expected."""
-        import math
-        import numbers
-        if not isinstance(self.size_by, str) or self.size_by not in ("cost", "thresholds"):
-            raise ValueError(f"size_by must be 'cost' or 'thresholds', got {self.size_by!r}")
-        if isinstance(self.joint_k, bool) or not isinstance(self.joint_k, numbers.Integral):
-            raise TypeError(f"joint_k must be an int, got {type(self.joint_k).__name__} ({self.joint_k!r})")
-        self.joint_k = int(self.joint_k)
-        if self.joint_k < 1:
-            raise ValueError(f"joint_k must be >= 1, got {self.joint_k}")
-        if not isinstance(self.hybrid, bool) and type(self.hybrid).__name__ != "bool_":  # numpy bool passes
-            raise TypeError(f"hybrid must be a bool, got {type(self.hybrid).__name__} ({self.hybrid!r})")
-        self.hybrid = bool(self.hybrid)
-        if self.step_cost is not None:
-            if isinstance(self.step_cost, (str, bytes)) or not hasattr(self.step_cost, "__iter__") or any(
-                    isinstance(c, bool) or not isinstance(c, numbers.Real) for c in self.step_cost):
-                raise TypeError(f"step_cost must be a sequence of real numbers or None, got "
-                                f"{type(self.step_cost).__name__} ({self.step_cost!r})")
-            cost = list(self.step_cost)
-            if not cost or any(not 0 < c < math.inf for c in cost):
-                raise ValueError(f"step_cost must be a non-empty sequence of positive costs, got {self.step_cost!r}")
 
 
 @dataclass
@@ -112,101 +67,6 @@ class GenerationOutput:
     wall_time: float
 
 
-# ---------------------------------------------------------------- step cost
-
-
-_STEP_COST = {}
-
-
-def measure_step_cost(model, batch_size: int, width: int, rounds: int = 7, sampled: bool = False) -> dict:
-    """Cost of one forward feeding T = 1..width tokens per row, with head 1 only and with every
-    head, relative to head 1 on one token: ``{1: (1.0, c2, ...), H: (c1, c2, ...)}``.
-
-    Timed on a scratch cache holding a 64-token prefix, head 1 unembedded at every fed row and
-    heads 2..H at one, as the loop does, and the verification of T - 1 draft tokens (greedy: an
-    argmax per row; ``sampled``: head 1's softmax per row, what rejection sampling reads). Every
-    variant is timed once per round, ``rounds`` rounds
-    after a warm-up, and each keeps its fastest: load from other processes only ever adds time,
-    so the minimum is the robust estimate. Each table is made non-decreasing by suffix minima (a
-    width's cost is at most any wider one's)."""
-    p = next(iter(model.parameters()), None)
-    dev = p.device if p is not None else torch.device("cpu")
-    H = model.n_heads
-    prefix = min(64, model.max_seq_len - width)
-    cache = model.new_cache(batch_size, max_len=prefix + width)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    variants = [(h, T) for h in sorted({1, H}) for T in range(1, width + 1)]
-    best = {v: float("inf") for v in variants}
-    with torch.inference_mode():
-        model(torch.zeros(batch_size, prefix, dtype=torch.long, device=dev),
-              torch.arange(prefix, device=dev).expand(batch_size, prefix), cache, heads=H, output_hidden=True)
-        for r in range(rounds + 1):
-            for heads, T in variants:
-                ids = torch.zeros(batch_size, T, dtype=torch.long, device=dev)
-                pos = (prefix + torch.arange(T, device=dev)).expand(batch_size, T)
-                sync()
-                t0 = time.perf_counter()
-                hidden = model(ids, pos, cache, heads=heads, output_hidden=True)
-                head1 = model.head_logits(hidden[:, :, 0])
-                if heads > 1:
-                    model.head_logits(hidden[:, -1, 1:])
-                if T > 1:
-                    torch.softmax(head1[:, :-1], dim=-1) if sampled else head1[:, :-1].argmax(-1)
-                sync()
-                if r:  # round 0 warms up
-                    best[(heads, T)] = min(best[(heads, T)], time.perf_counter() - t0)
-    out = {"seconds": best[(1, 1)]}  # the unit: head 1 on one token
-    for heads in sorted({1, H}):
-        rel = [best[(heads, T)] / best[(1, 1)] for T in range(1, width + 1)]
-        for i in range(width - 2, -1, -1):
-            rel[i] = min(rel[i], rel[i + 1])
-        out[heads] = tuple(max(1.0, c) for c in rel)
-    return out
-
-
-def _step_cost(model, batch_size, width, draft: DraftConfig, device, sampled: bool) -> dict:
-    """{1: (width,), H: (width,)} float64 tensors: the measured (or given) cost of a forward."""
-    H = model.n_heads
-    if draft.step_cost is not None:
-        cost = list(draft.step_cost)
-        cost = cost + [cost[-1]] * (width - len(cost))  # beyond the table: as its last entry
-        table = {1: cost, H: cost, "seconds": None}
-    else:
-        p = next(iter(model.parameters()), None)
-        key = (id(model), str(device), p.dtype if p is not None else None, batch_size, width, sampled)
-        if key not in _STEP_COST:
-            _STEP_COST[key] = measure_step_cost(model, batch_size, width, sampled=sampled)
-        table = _STEP_COST[key]
-    out = {h: torch.tensor(table[h][:width], dtype=torch.float64, device=device) for h in (1, H)}
-    out["seconds"] = table["seconds"]
-    return out
-
-
-def size_drafts(accept: torch.Tensor, cap: torch.Tensor, cost: torch.Tensor):
-    """Draft length per row by a stopping rule on expected kept tokens per unit of cost.
-
-    accept : (B, D) float; estimated probability that draft token j is accepted given that tokens
-        1..j-1 were, j = 1..D. Token j may be drafted while ``(1 + sum_{i<=j} s_i) / cost[j] >
-        (1 + sum_{i<j} s_i) / cost[j-1]`` with ``s_j = prod_{i<=j} accept_i``; the first token that
-        fails ends the draft. The rule reads only ``accept_1..j`` to decide on token j, so when
-        ``accept_j`` is computed before token j is drawn (from its draft distribution, not from
-        the drawn token), the draft stays a valid speculative proposal and sampling stays exact.
-    cap : (B,) int64; the most draft tokens a row may feed.
-    cost : (>= D + 1,) float64; cost of one forward feeding 1 + d tokens, d = 0..D.
-
-    Returns (length (B,) int64 in 0..min(D, cap), value (B,) float64: expected kept tokens per
-    unit of cost at that length).
-    """
-    B, D = accept.shape
-    surv = accept.double().clamp(0, 1).cumprod(1)  # (B, D)
-    kept = 1.0 + torch.cat([surv.new_zeros(B, 1), surv.cumsum(1)], dim=1)  # (B, D+1): 1 + d drafted
-    c = cost[:D + 1]
-    worth = kept[:, 1:] * c[None, :D] > kept[:, :-1] * c[None, 1:]  # (B, D)
-    worth &= torch.arange(1, D + 1, device=accept.device)[None] <= cap[:, None]
-    length = worth.long().cumprod(1).sum(1)
-    return length, kept.gather(1, length[:, None])[:, 0] / c[length]
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -232,36 +92,6 @@ class Proposal:
     guess_joint: Optional[torch.Tensor] = None
     guess_joint_q: Optional[torch.Tensor] = None
     guess_lookup: Optional[torch.Tensor] = None
-
-
-class _Evidence:
-    """Per-row acceptance evidence of one drafter, for sizing and choosing drafts.
-
-    first : its first draft token, judged every step it proposes one (fed or not: head 1 at the
-        first fed position, which predicts that token, is computed either way);
-    cont : the tokens after the first, judged only when its draft is fed.
-    Rates are Beta-smoothed: ``(hits + prior) / (checked + 1)``."""
-
-    def __init__(self, B, device, prior_first: float, prior_cont: float):
-        z = lambda: torch.zeros(B, dtype=torch.float64, device=device)  # noqa: E731
-        self.first_hits, self.first_checked, self.cont_hits, self.cont_checked = z(), z(), z(), z()
-        self.prior_first, self.prior_cont = prior_first, prior_cont
-
-    def first_rate(self, prior=None) -> torch.Tensor:
-        return (self.first_hits + (self.prior_first if prior is None else prior)) / (self.first_checked + 1.0)
-
-    def cont_rate(self) -> torch.Tensor:
-        return (self.cont_hits + self.prior_cont) / (self.cont_checked + 1.0)
-
-    def add_first(self, proposed: torch.Tensor, accept_prob: torch.Tensor):
-        self.first_checked += proposed.double()
-        self.first_hits += torch.where(proposed, accept_prob.double(), 0.0)
-
-    def add_fed(self, fed: torch.Tensor, drafted: torch.Tensor, accepted: torch.Tensor):
-        """drafted / accepted (B,) draft tokens fed / kept; tokens after the first rejection are unjudged."""
-        checked = accepted + (accepted < drafted).long()
-        self.cont_checked += torch.where(fed, (checked - 1).clamp(min=0), 0).double()
-        self.cont_hits += torch.where(fed, (accepted - 1).clamp(min=0), 0).double()
 
 
 class _Decoder:
@@ -301,8 +131,8 @@ class _Decoder:
         self.hist = torch.zeros(B, W, dtype=torch.long, device=dev)
         self.drafted = torch.zeros(B, dtype=torch.long, device=dev)
         self.accepted = torch.zeros(B, dtype=torch.long, device=dev)
-        self.joint_ev = _Evidence(B, dev, prior_first=0.0, prior_cont=0.0)  # first: prior is the heads' own q
-        self.lookup_ev = _Evidence(B, dev, prior_first=0.5, prior_cont=0.8)  # a copied span tends to go on
+        self.joint_ev = Evidence(B, dev, prior_first=0.0, prior_cont=0.0)  # first: prior is the heads' own q
+        self.lookup_ev = Evidence(B, dev, prior_first=0.5, prior_cont=0.8)  # a copied span tends to go on
         self.eos = torch.tensor(eos_token_id or [], dtype=torch.long, device=dev)
         self.seen = None
         if strategy in ("dynamo", "speculative") and dynamo.repetition_penalty != 1.0:
@@ -313,16 +143,16 @@ class _Decoder:
         self.cost = self.cost_lookup = None
         self.joint_overhead = 0.0
         if strategy in ("speculative", "lookup") and draft.size_by == "cost":
-            table = _step_cost(model, B, W, draft, dev, sampling.do_sample)
+            table = step_cost_tables(model, B, W, draft, dev, sampling.do_sample)
             self.cost = table[self.heads]  # a forward as this strategy runs it
             self.cost_lookup = table[1] if self.lazy or strategy == "lookup" else self.cost
             if strategy == "speculative" and self.index is not None:
                 given = None if draft.step_cost is None else tuple(draft.step_cost)
                 key = ("joint", id(model), str(dev), next(iter(model.parameters()), torch.empty(0)).dtype, B,
                        self.lazy, sampling.do_sample, self.dynamo.k, self.draft.joint_k, stats is None, given)
-                if key not in _STEP_COST:  # measured once per process, like the step cost
-                    _STEP_COST[key] = self._joint_overhead(table)
-                self.joint_overhead = _STEP_COST[key]
+                if key not in STEP_COST:  # measured once per process, like the step cost
+                    STEP_COST[key] = self._joint_overhead(table)
+                self.joint_overhead = STEP_COST[key]
         # heads on demand: while lookup drafts win, the forward runs head 1 alone and keeps the stem
         # output; heads 2..H catch up on the skipped positions (one call) when the joint is next needed
         self.heads_len = prompt_len.clone()  # heads 2..H hold positions < heads_len
@@ -573,7 +403,6 @@ class _Decoder:
     # ------------------------------------------------------------ commit
 
     def commit(self, prop: Proposal, keep: torch.Tensor, T: int, active: torch.Tensor):
-        B, dev = self.B, self.dev
         tokens = prop.tokens[:, :T]
         if self.eos.numel():  # stop at the first EOS among the kept tokens
             is_eos = torch.isin(tokens, self.eos) & (self.ar_w[None, :T] < keep[:, None])

@@ -147,7 +147,7 @@ def test_lookup_and_hybrid_greedy_equal_ar_on_ragged_batch(model, strategy):
 
 
 def test_draft_sizing_stops_where_a_token_is_not_worth_its_cost():
-    from dynamo_sampling.decoding import size_drafts
+    from dynamo_sampling.drafting import size_drafts
     accept = torch.tensor([[0.9, 0.9, 0.9], [0.9, 0.05, 0.9], [0.0, 0.0, 0.0], [0.9, 0.9, 0.9]])
     cost = torch.tensor([1.0, 1.1, 1.2, 1.3], dtype=torch.float64)
     length, value = size_drafts(accept, torch.tensor([3, 3, 3, 1]), cost)
