@@ -77,7 +77,7 @@ def worker(n_tokens: int, bucket_tokens: int, lookup: bool, threads: int) -> dic
     gen_s = time.perf_counter() - t0
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     t0 = time.perf_counter()
-    stats = CooccurrenceStats.build(z, V, max_order=MAX_ORDER, bucket_tokens=bucket_tokens)
+    stats = CooccurrenceStats.build([z], V, max_order=MAX_ORDER, bucket_tokens=bucket_tokens)
     build_s = time.perf_counter() - t0
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     res = {

@@ -74,7 +74,7 @@ def _median_ms(fn, repeats: int, warmup: int = 5) -> float:
 def _stats(V: int, H: int, n_tokens: int = 2_000_000) -> CooccurrenceStats:
     rng = np.random.default_rng(0)
     toks = ((rng.zipf(1.1, n_tokens) - 1) % V).astype(np.int32)
-    return CooccurrenceStats.build(toks, vocab_size=V, max_order=H)
+    return CooccurrenceStats.build([toks], vocab_size=V, max_order=H)
 
 
 def _logits(B: int, H: int, V: int, dtype, stats: CooccurrenceStats, seed: int = 0) -> torch.Tensor:

@@ -82,10 +82,10 @@ def policy_stats():
     if path.is_file():
         tokens = np.load(path)
         if int(tokens.max()) < POLICY_V:
-            return CooccurrenceStats.build(tokens, POLICY_V, max_order=POLICY_H), f"built from {path}"
+            return CooccurrenceStats.build([tokens], POLICY_V, max_order=POLICY_H), f"built from {path}"
     rng = np.random.default_rng(0)
     tokens = (rng.zipf(1.2, 1_000_000) - 1) % POLICY_V
-    return CooccurrenceStats.build(tokens, POLICY_V, max_order=POLICY_H), "synthetic Zipf(1.2), 1M tokens"
+    return CooccurrenceStats.build([tokens], POLICY_V, max_order=POLICY_H), "synthetic Zipf(1.2), 1M tokens"
 
 
 @pytest.mark.parametrize("with_stats", [False, True], ids=["no_stats", "stats"])

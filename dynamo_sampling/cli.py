@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 
@@ -25,6 +26,99 @@ def _add_train(sub):
     p.add_argument("--model", type=json.loads, default={}, help='TinyMTPConfig fields as JSON, e.g. \'{"n_heads": 3}\'')
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
     p.set_defaults(func=_run_train)
+
+
+def add_cooccur(sub):
+    """Register the ``cooccur`` subcommand (``func=run_cooccur``) on an ``argparse`` subparsers object."""
+    p = sub.add_parser(
+        "cooccur",
+        help="count corpus n-gram co-occurrence statistics for DynaMo weighting",
+        description="Tokenise source files (each file is one document; directories are walked for *.py, "
+                    "skipping hidden directories) and write unigram/n-gram counts to an .npz file.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILES_OR_DIRS", help="files, or directories to walk for *.py")
+    p.add_argument("--tokenizer", required=True, metavar="PATH", help="Hugging Face tokenizers tokenizer.json")
+    p.add_argument("--max-order", type=int, default=3, help="largest n-gram order, 2..4 (default 3)")
+    p.add_argument("--min-count", type=int, default=1, help="drop n-grams seen fewer times (default 1)")
+    p.add_argument("--out", default="stats.npz", help="output .npz path (default stats.npz)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary size of the model (default: the tokenizer's; may be larger, e.g. padded)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_cooccur)
+    return p
+
+
+def _collect_files(paths):
+    """The files named, and the *.py files under the directories named (hidden directories skipped)."""
+    from pathlib import Path
+
+    out = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            for root, dirs, files in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                out.extend(Path(root) / f for f in sorted(files) if f.endswith(".py"))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"expected an existing file or directory, got {raw!r}")
+    return out
+
+
+def run_cooccur(args) -> int:
+    """Run the ``cooccur`` subcommand; returns the exit code (0 on success, 2 on a bad input)."""
+    import time
+
+    import numpy as np
+    from tokenizers import Tokenizer
+    from tqdm.auto import tqdm
+
+    from .cooccurrence import CooccurrenceStats, tokenizer_fingerprint
+
+    try:
+        files = _collect_files(args.files)
+    except FileNotFoundError as e:
+        print(f"cooccur: {e}", file=sys.stderr)
+        return 2
+    if not files:
+        print(f"cooccur: no *.py files found under {list(args.files)}", file=sys.stderr)
+        return 2
+    if not os.path.isfile(args.tokenizer):
+        print(f"cooccur: tokenizer file not found: {args.tokenizer!r}", file=sys.stderr)
+        return 2
+    tok = Tokenizer.from_file(args.tokenizer)
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    if args.vocab_size is not None:
+        if args.vocab_size < vocab_size:
+            print(f"cooccur: --vocab-size must be >= the tokenizer's vocabulary ({vocab_size}), "
+                  f"got {args.vocab_size}", file=sys.stderr)
+            return 2
+        vocab_size = args.vocab_size
+
+    def documents():
+        for f in tqdm(files, desc="cooccur", unit="file", disable=args.no_progress):
+            text = f.read_text(encoding="utf-8", errors="replace")
+            yield np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    t0 = time.perf_counter()
+    try:
+        stats = CooccurrenceStats.build(documents(), vocab_size=vocab_size, max_order=args.max_order,
+                                        min_count=args.min_count,
+                                        tokenizer_fingerprint=tokenizer_fingerprint(args.tokenizer))
+    except (TypeError, ValueError) as e:
+        print(f"cooccur: {e}", file=sys.stderr)
+        return 2
+    stats.save(args.out)
+    secs = time.perf_counter() - t0
+    print(f"files:            {len(files)}")
+    print(f"tokens:           {stats.num_tokens}")
+    for n, count in stats.num_ngrams.items():
+        print(f"distinct {n}-grams: {count}")
+    print(f"bytes:            {stats.nbytes}")
+    print(f"seconds:          {secs:.2f}")
+    print(f"wrote:            {args.out}")
+    return 0
 
 
 def _run_train(args) -> int:
@@ -147,8 +241,6 @@ def _run_generate(args) -> int:
 
 def _check_outputs(args):
     """Refuse an output path whose directory is missing or not writable, before any work."""
-    import os
-
     for attr in ("out", "out_dir"):
         path = getattr(args, attr, None)
         if not isinstance(path, str):
@@ -163,8 +255,6 @@ def _check_outputs(args):
 
 
 def main(argv=None) -> int:
-    from .cooccurrence import add_cli as add_cooccur
-
     parser = argparse.ArgumentParser(prog="dynamo-sampling", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     sub = parser.add_subparsers(dest="command", required=True)

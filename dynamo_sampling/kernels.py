@@ -25,7 +25,6 @@ import functools
 import math
 import re
 import warnings
-import weakref
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from . import policy
+from .weights import CooccurrenceTables, check_stats
 from .policy import DynamoConfig, StepOutput
 
 __all__ = [
@@ -378,34 +378,16 @@ def topk_softmax(logits: torch.Tensor, k: int, temperature: float = 1.0, *, out=
 
 # ---------------------------------------------------------------- co-occurrence tables on the device
 
-_TABLES = {}
-
-
-def _stats_tables(stats, device: torch.device) -> dict:
-    """Device copies of the statistics' sorted key/count tables, cached per (stats object, device)."""
-    key = (id(stats), str(device))
-    hit = _TABLES.get(key)
-    if hit is not None and hit[0]() is stats:
-        return hit[1]
-    for k_ in [k_ for k_, (ref, _) in _TABLES.items() if ref() is None]:
-        del _TABLES[k_]
-
-    def dev(a):
-        return torch.from_numpy(np.array(a, dtype=np.int64, copy=True)).to(device)
-
+def _stats_tables(stats: CooccurrenceTables, device: torch.device) -> dict:
+    """The kernels' view of the statistics' own device cache (:meth:`CooccurrenceTables.device_tables`):
+    ``V``, ``uni`` int64 (V,), ``total`` {n: float T_n} for ``n = 1..HMAX`` (0 past max_order) and the
+    sorted ``keys`` / ``counts`` int64 (K_n,) for ``n = 2..min(max_order, HMAX)``."""
+    tabs = stats.device_tables(device)
     totals = stats.totals
-    tabs = {"V": int(stats.vocab_size), "uni": dev(stats.unigram_counts), "total": {}, "keys": {}, "counts": {}}
-    for n in range(1, HMAX + 1):
-        tabs["total"][n] = float(totals.get(n, 0))
-    for n in range(2, min(int(stats.max_order), HMAX) + 1):
-        keys, counts = stats.table(n)
-        tabs["keys"][n], tabs["counts"][n] = dev(keys), dev(counts)
-    _TABLES[key] = (weakref.ref(stats), tabs)
-    return tabs
-
-
-def _has_tables(stats) -> bool:
-    return all(hasattr(stats, a) for a in ("table", "totals", "unigram_counts", "vocab_size", "max_order"))
+    orders = range(2, min(int(stats.max_order), HMAX) + 1)
+    return {"V": int(stats.vocab_size), "uni": tabs["uni"],
+            "total": {n: float(totals.get(n, 0)) for n in range(1, HMAX + 1)},
+            "keys": {n: tabs["keys"][n] for n in orders}, "counts": {n: tabs["counts"][n] for n in orders}}
 
 
 # ---------------------------------------------------------------- the step
@@ -433,7 +415,7 @@ def _unsupported(head_logits, cfg, stats, do_sample, top_k, first_tokens) -> Opt
         return f"otsu_bins={cfg.otsu_bins} (the kernels handle up to {MAX_BINS})"
     if cfg.adaptive_threshold and cfg.blur and not cfg.blur_sigma > 0:
         return f"blur_sigma={cfg.blur_sigma}"
-    if stats is not None and cfg.alpha_c > 0 and not _has_tables(stats):
+    if stats is not None and cfg.alpha_c > 0 and not isinstance(stats, CooccurrenceTables):
         return f"statistics of type {type(stats).__name__} without sorted key tables"
     if do_sample and first_tokens is None and top_k is not None and top_k < V and not 1 <= top_k <= KMAX:
         return f"top_k={top_k} (the kernels sample n = 1 from lists of at most {KMAX})"
@@ -468,7 +450,7 @@ def _dynamo_step_impl(head_logits: torch.Tensor, cfg: DynamoConfig, launcher, *,
     k = min(cfg.k, V)
     use_stats = stats is not None and cfg.alpha_c > 0
     if use_stats:
-        policy.check_stats(stats, V, H)
+        check_stats(stats, V, H)
     list_sampler = do_sample and first_tokens is None and top_k is not None and top_k < V
     gumbel = do_sample and first_tokens is None and not list_sampler
     KL = max(k, int(top_k)) if list_sampler else k
@@ -556,9 +538,9 @@ def cuda_dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats=None
     (csrc/NOTES.md): ties in the top-k lists go to the lower token id; NaN logits count as ``-inf``
     (the reference gives NaN probabilities, and ``sample`` rejects NaN logits before any step);
     float32 subnormals are flushed to zero; statistics must satisfy
-    :func:`~dynamo_sampling.policy.check_stats` (same vocabulary, ``max_order >= H``). Configurations
-    outside the kernels' limits (k > 64, H > 4, top_k > 64 for the n = 1 sampler, more than 4096
-    Otsu bins, statistics without sorted tables, other dtypes) run the torch reference, with a
+    :func:`~dynamo_sampling.weights.check_stats` (same vocabulary, ``max_order >= H``).
+    Configurations outside the kernels' limits (k > 64, H > 4, top_k > 64 for the n = 1 sampler, more
+    than 4096 Otsu bins, statistics that are not a ``CooccurrenceTables``, other dtypes) run the torch reference, with a
     one-time ``RuntimeWarning``.
     """
     _require_cuda(head_logits, "cuda_dynamo_step")

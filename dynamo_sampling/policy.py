@@ -51,6 +51,7 @@ import torch
 
 from .samplers import draw, head_probs
 from .samplers import exp1 as _exp1
+from .weights import CooccurrenceWeights, check_stats
 
 
 @dataclass
@@ -284,18 +285,6 @@ def _segment_argmax(score: torch.Tensor, rows: torch.Tensor, n_rows: int) -> tor
 # ---------------------------------------------------------------- the step
 
 
-def check_stats(stats, vocab_size: int, n_heads: int):
-    """Boundary check shared by ``sample`` and callers of :func:`dynamo_step`."""
-    if stats is None:
-        return
-    if getattr(stats, "vocab_size", None) != vocab_size:
-        raise ValueError(f"co-occurrence statistics have vocabulary size {getattr(stats, 'vocab_size', None)}, "
-                         f"expected the model's {vocab_size}")
-    if n_heads >= 2 and getattr(stats, "max_order", 0) < n_heads:
-        raise ValueError(f"co-occurrence statistics of max_order {stats.max_order} cannot weight the "
-                         f"{n_heads}-grams of a {n_heads}-head model; build them with max_order >= {n_heads}")
-
-
 def _check_step_args(head_logits, cfg, stats, do_sample, temperature, top_k, seen_tokens, first_tokens, max_tokens):
     """The boundary of :func:`dynamo_step`: shapes and types without a host sync, then one sync for
     the values (+inf logits, first tokens out of range). Returns ``head_logits`` with NaN as -inf."""
@@ -347,18 +336,18 @@ def _check_step_args(head_logits, cfg, stats, do_sample, temperature, top_k, see
     return head_logits
 
 
-def dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats=None, do_sample: bool = False,
-                temperature: float = 1.0, top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                seen_tokens: Optional[torch.Tensor] = None, first_tokens: Optional[torch.Tensor] = None,
-                max_tokens: Optional[torch.Tensor] = None) -> StepOutput:
+def dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats: Optional[CooccurrenceWeights] = None,
+                do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
+                generator: Optional[torch.Generator] = None, seen_tokens: Optional[torch.Tensor] = None,
+                first_tokens: Optional[torch.Tensor] = None, max_tokens: Optional[torch.Tensor] = None) -> StepOutput:
     """One DynaMo step for a batch (see the module docstring).
 
     Parameters
     ----------
     head_logits : float tensor, shape (B, H, V); logits of heads 1..H at each row's last position.
     cfg : DynamoConfig.
-    stats : co-occurrence weight provider or None (weight 1 everywhere): ``stats.weight(ngrams
-        (M, n) int64, alpha_c) -> (M,)`` with exact zeros for unseen n-grams.
+    stats : a :class:`~dynamo_sampling.weights.CooccurrenceWeights` or None (weight 1
+        everywhere): ``stats.weight(ngrams (M, n) int64, alpha_c) -> (M,)``, exact zeros for unseen n-grams.
     do_sample, temperature, top_k : the sampler; ``temperature`` also scales the joint when
         sampling (greedy uses the raw softmax). ``top_k`` is head 1's sampler at ``n = 1``.
     generator : torch.Generator for every random draw.

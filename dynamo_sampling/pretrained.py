@@ -80,7 +80,7 @@ def build_stdlib_stats(tokenizer_path, vocab_size: int, max_order: int, root=Non
 
     tok = load_tokenizer(str(tokenizer_path))
     docs = encode_documents(tok, [text for _, text in corpus.load_split("train", root)])
-    return CooccurrenceStats.build([d for d in docs if len(d)], vocab_size=vocab_size, max_order=max_order,
+    return CooccurrenceStats.build(docs, vocab_size=vocab_size, max_order=max_order,
                                    tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_path), progress=progress)
 
 

@@ -13,8 +13,9 @@ import torch
 from .decoding import STRATEGIES, DraftConfig, GenerationOutput, generate
 from .kernels import resolve_backend
 from .lookup import LookupConfig
-from .policy import DynamoConfig, check_stats
+from .policy import DynamoConfig
 from .samplers import SamplingParams
+from .weights import check_stats
 
 _CONFIGS = {"dynamo": DynamoConfig, "draft": DraftConfig, "lookup": LookupConfig}
 

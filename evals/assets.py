@@ -161,7 +161,7 @@ def _resolve_stats(args, model, tok_path, pre_stats, log):
         raise ValueError(f"{tokens_path} holds token id {int(tokens.max())} >= the model's vocabulary {V}; "
                          f"it was made with another tokenizer")
     fp = tokenizer_fingerprint(tok_path) if tok_path and Path(tok_path).is_file() else None
-    stats = CooccurrenceStats.build(tokens, vocab_size=V, max_order=H, tokenizer_fingerprint=fp)
+    stats = CooccurrenceStats.build([tokens], vocab_size=V, max_order=H, tokenizer_fingerprint=fp)
     where = f"built from {tokens_path} ({tokens.size:,} tokens, max_order {H})"
     if path:
         os.makedirs(Path(path).parent, exist_ok=True)

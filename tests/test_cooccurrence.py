@@ -14,13 +14,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dynamo_sampling.cli import add_cooccur, run_cooccur
 from dynamo_sampling.cooccurrence import (
     FORMAT_VERSION,
     CooccurrenceStats,
-    add_cli,
-    run_cli,
+    split_stream,
     tokenizer_fingerprint,
 )
+from dynamo_sampling.weights import CooccurrenceTables, CooccurrenceWeights
 
 # ---------------------------------------------------------------------------
 # hand-written corpus
@@ -92,7 +93,7 @@ def test_hand_weights(hand):
 
 
 def test_boundaries_matter():
-    one = CooccurrenceStats.build(np.array(DOC_A + DOC_B), vocab_size=V_HAND, max_order=3)
+    one = CooccurrenceStats.build([np.array(DOC_A + DOC_B)], vocab_size=V_HAND, max_order=3)
     assert one.totals == {1: 9, 2: 8, 3: 7}
     assert one.count(_q([[1, 2]])).tolist() == [2]
     assert one.count(_q([[0, 1, 2], [1, 2, 0]])).tolist() == [2, 2]
@@ -118,6 +119,7 @@ def test_lookup_shapes(hand):
         lambda: [torch.tensor(DOC_A), torch.tensor(DOC_B, dtype=torch.int32)],
         lambda: (np.array(d, dtype=np.uint64) for d in [DOC_A, [], DOC_B]),
         lambda: [DOC_A, DOC_B],
+        lambda: split_stream(np.array([9, *DOC_A, 9, 9, *DOC_B]), separator=9),
     ],
 )
 def test_input_kinds(hand, make):
@@ -126,9 +128,35 @@ def test_input_kinds(hand, make):
 
 
 def test_single_stream_kinds():
-    ref = CooccurrenceStats.build(np.array(DOC_A), vocab_size=V_HAND)
-    for x in (torch.tensor(DOC_A), DOC_A, np.array(DOC_A, dtype=np.uint64), np.array([DOC_A])):
+    ref = CooccurrenceStats.build([np.array(DOC_A)], vocab_size=V_HAND)
+    for x in ([torch.tensor(DOC_A)], [DOC_A], [np.array(DOC_A, dtype=np.uint64)], np.array([DOC_A]),  # 2-D: rows
+              split_stream(torch.tensor(DOC_A), separator=9)):
         assert CooccurrenceStats.build(x, vocab_size=V_HAND) == ref
+
+
+def test_split_stream():
+    docs = split_stream(np.array([7, 0, 1, 7, 7, 2, 7]), separator=7)
+    assert [d.tolist() for d in docs] == [[], [0, 1], [], [2], []]
+    assert [d.tolist() for d in split_stream([3, 4], separator=7)] == [[3, 4]]
+    with pytest.raises(ValueError, match=r"1-D array of token ids, got shape \(1, 2\)"):
+        split_stream([[3, 4]], separator=7)
+
+
+def test_protocols(hand):
+    assert isinstance(hand, CooccurrenceTables) and isinstance(hand, CooccurrenceWeights)
+
+    class WeightsOnly:  # what the policy needs, not what the kernels need
+        vocab_size, max_order = 5, 3
+
+        def weight(self, ngrams, alpha_c=1.0):
+            return torch.ones(ngrams.shape[:-1])
+
+    assert isinstance(WeightsOnly(), CooccurrenceWeights) and not isinstance(WeightsOnly(), CooccurrenceTables)
+    tabs = hand.device_tables(torch.device("cpu"))
+    assert hand.device_tables("cpu") is tabs  # one cache per device
+    assert tabs["keys"][2].tolist() == hand.table(2)[0].tolist()
+    assert tabs["counts"][3].tolist() == hand.table(3)[1].tolist()
+    assert tabs["uni"].tolist() == [3, 3, 2, 1, 0]
 
 
 # ---------------------------------------------------------------------------
@@ -153,7 +181,7 @@ def test_matches_counter(case):
     V, docs, max_order, bucket, min_count, single = case
     if single:  # one stream: n-grams run across the (now absent) boundaries
         docs = [sum(docs, [])]
-        inp = np.array(docs[0], dtype=np.int64)
+        inp = [np.array(docs[0], dtype=np.int64)]
     else:
         inp = [np.array(d, dtype=np.int32) for d in docs]
     s = CooccurrenceStats.build(inp, V, max_order=max_order, min_count=min_count, bucket_tokens=bucket)
@@ -356,23 +384,30 @@ def test_build_errors():
     with pytest.raises(ValueError, match=r"must be < vocab_size=5, found 5"):
         CooccurrenceStats.build([DOC_A, [1, 5]], V_HAND)
     with pytest.raises(ValueError, match=r"must be >= 0, found -1"):
-        CooccurrenceStats.build(np.array([0, -1, 2]), V_HAND)
+        CooccurrenceStats.build([np.array([0, -1, 2])], V_HAND)
     with pytest.raises(TypeError, match=r"integer dtype.*float64"):
-        CooccurrenceStats.build(np.array([0.0, 1.0]), V_HAND)
+        CooccurrenceStats.build([np.array([0.0, 1.0])], V_HAND)
     with pytest.raises(TypeError, match=r"integer tensor.*torch.float32"):
-        CooccurrenceStats.build(torch.tensor([0.0, 1.0]), V_HAND)
-    for empty in ([], [[], []], np.zeros(0, dtype=np.int64), torch.zeros(0, dtype=torch.long)):
+        CooccurrenceStats.build([torch.tensor([0.0, 1.0])], V_HAND)
+    for empty in ([], [[], []], [np.zeros(0, dtype=np.int64)], np.zeros(0, dtype=np.int64),
+                  [torch.zeros(0, dtype=torch.long)]):
         with pytest.raises(ValueError, match=r"non-empty corpus, got 0 tokens"):
             CooccurrenceStats.build(empty, V_HAND)
     for order in (0, 1, 5):
         with pytest.raises(ValueError, match=rf"max_order must be in 2..4, got {order}"):
-            CooccurrenceStats.build(DOC_A, V_HAND, max_order=order)
+            CooccurrenceStats.build([DOC_A], V_HAND, max_order=order)
     with pytest.raises(ValueError, match=r"2\*\*63"):
-        CooccurrenceStats.build(DOC_A, 2**32, max_order=2)
+        CooccurrenceStats.build([DOC_A], 2**32, max_order=2)
     with pytest.raises(ValueError, match=r"min_count must be >= 1, got 0"):
-        CooccurrenceStats.build(DOC_A, V_HAND, min_count=0)
-    with pytest.raises(ValueError, match=r"expected a 1-D array"):
+        CooccurrenceStats.build([DOC_A], V_HAND, min_count=0)
+    with pytest.raises(ValueError, match=r"document 0: expected a 1-D array.*got shape \(2, 2\)"):
         CooccurrenceStats.build(np.zeros((2, 2, 2), dtype=np.int64), V_HAND)
+    # one stream passed bare is refused, with the way to pass it
+    for bare in (DOC_A, np.array(DOC_A), torch.tensor(DOC_A)):
+        with pytest.raises(ValueError, match=r"document 0: .*got shape \(\).*pass one stream as \[tokens\]"):
+            CooccurrenceStats.build(bare, V_HAND)
+    with pytest.raises(TypeError, match=r"iterable of 1-D integer arrays, got int"):
+        CooccurrenceStats.build(3, V_HAND)
 
 
 def test_lookup_errors(hand):
@@ -432,13 +467,13 @@ def test_cli(tmp_path, capsys):
     assert 256 <= tok.get_vocab_size() <= 300
 
     parser = argparse.ArgumentParser(prog="dynamo-sampling")
-    add_cli(parser.add_subparsers(dest="command"))
+    add_cooccur(parser.add_subparsers(dest="command"))
     out = tmp_path / "stats.npz"
     args = parser.parse_args(
         ["cooccur", "--tokenizer", str(tok_path), "--max-order", "3", "--min-count", "1", "--out", str(out), str(src)]
     )
-    assert args.func is run_cli
-    assert run_cli(args) == 0
+    assert args.func is run_cooccur
+    assert run_cooccur(args) == 0
     printed = capsys.readouterr().out
     assert "tokens:" in printed and "distinct 3-grams" in printed and "seconds" in printed
 
@@ -455,5 +490,5 @@ def test_cli(tmp_path, capsys):
 
     # a missing input is a clean error, not a traceback
     bad = parser.parse_args(["cooccur", "--tokenizer", str(tok_path), "--out", str(out), str(tmp_path / "nope")])
-    assert run_cli(bad) == 2
+    assert run_cooccur(bad) == 2
     assert "nope" in capsys.readouterr().err

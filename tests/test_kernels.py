@@ -320,7 +320,7 @@ def _stats(V: int, max_order: int):
     key = (V, max_order)
     if key not in _STATS:
         toks, succ = _markov_corpus(V, 60000, seed=V)
-        _STATS[key] = (CooccurrenceStats.build(toks, vocab_size=V, max_order=max_order), toks, succ)
+        _STATS[key] = (CooccurrenceStats.build([toks], vocab_size=V, max_order=max_order), toks, succ)
     return _STATS[key]
 
 

@@ -83,7 +83,7 @@ def stats_b_after_a():
     toks[pos] = a
     toks[pos + 1] = b  # b always follows a
     toks[-1] = 3
-    return CooccurrenceStats.build(toks, vocab_size=V, max_order=3), a, b
+    return CooccurrenceStats.build([toks], vocab_size=V, max_order=3), a, b
 
 
 @pytest.mark.parametrize("do_sample", [False, True])

@@ -36,7 +36,7 @@ TABLES = {"oracle", "table2", "table3", "table1"}  # exact logits: greedy specul
 def _stats(model, seed):
     """Statistics from a short random corpus: most n-grams unseen, so candidate sets often empty."""
     g = np.random.default_rng(seed)
-    return CooccurrenceStats.build(g.integers(0, model.vocab_size, 40), model.vocab_size,
+    return CooccurrenceStats.build([g.integers(0, model.vocab_size, 40)], model.vocab_size,
                                    max_order=max(2, model.n_heads))
 
 

@@ -211,7 +211,7 @@ def _stats_cache_path(cache):
 def _tiny_stats_saver(vocab_size=8192, fingerprint=None):
     def write(path):
         fp = tokenizer_fingerprint(PRETRAINED_DIR / "tokenizer.json") if fingerprint is None else fingerprint
-        CooccurrenceStats.build(np.arange(20) % 7, vocab_size, 3, tokenizer_fingerprint=fp).save(path)
+        CooccurrenceStats.build([np.arange(20) % 7], vocab_size, 3, tokenizer_fingerprint=fp).save(path)
     return write
 
 
@@ -242,7 +242,7 @@ def test_load_pretrained_rebuilds_a_damaged_stats_cache(tmp_path, monkeypatch, c
 
     def tiny_build(tokenizer_path, vocab_size, max_order, root=None, progress=False):
         built.append(max_order)
-        return CooccurrenceStats.build(np.arange(30) % 11, vocab_size, max_order,
+        return CooccurrenceStats.build([np.arange(30) % 11], vocab_size, max_order,
                                        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_path))
 
     monkeypatch.setattr(pretrained, "build_stdlib_stats", tiny_build)
@@ -303,7 +303,7 @@ def test_stats_cache_is_keyed_by_python_version_and_corpus(tmp_path, monkeypatch
 
     def tiny_build(tokenizer_path, vocab_size, max_order, root=None, progress=False):
         built.append(len(built))
-        return CooccurrenceStats.build(np.arange(30 + len(built)) % 11, vocab_size, max_order,
+        return CooccurrenceStats.build([np.arange(30 + len(built)) % 11], vocab_size, max_order,
                                        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_path))
 
     monkeypatch.setattr(pretrained, "build_stdlib_stats", tiny_build)
