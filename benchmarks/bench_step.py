@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,6 +38,7 @@ if str(ROOT) not in sys.path:
 from dynamo_sampling import DynamoConfig, dynamo_step, load_pretrained, sample  # noqa: E402
 from dynamo_sampling.models.tiny import FeedPlan, grouped_block  # noqa: E402
 from dynamo_sampling.pretrained import resolve_dtype  # noqa: E402
+from benchmarks.bench_core import time_interleaved  # noqa: E402
 from evals.assets import machine_info, machine_line  # noqa: E402
 
 
@@ -55,25 +54,14 @@ def held_out_tokens(tokenizer, n: int) -> list:
     return ids[:n]
 
 
-def interleaved(fns: dict, repeats: int, sync) -> dict:
-    for fn in fns.values():
-        for _ in range(3):
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[k].append(time.perf_counter() - t0)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+def interleaved(fns: dict, repeats: int, device) -> dict:
+    """Median ms of each, rounds interleaved (``bench_core.time_interleaved``)."""
+    return {k: med for k, (med, _) in time_interleaved(fns, repeats, device).items()}
 
 
 @torch.inference_mode()
 def measure(model, stats, prompt, batch: int, repeats: int, device) -> dict:
     H, cfg = model.n_heads, model.config
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     P = prompt.shape[1]
     ids = prompt.expand(batch, P).to(device)
     cache = model.new_cache(batch, max_len=P + H)
@@ -124,7 +112,7 @@ def measure(model, stats, prompt, batch: int, repeats: int, device) -> dict:
         "policy speculative draft (greedy, k=10)": lambda: dynamo_step(
             logits, DynamoConfig(k=10, eps_b=0.0, adaptive_threshold=False), stats=stats, first_tokens=first),
     }
-    parts = interleaved(fns, repeats, sync)
+    parts = interleaved(fns, repeats, device)
 
     # whole steps through sample(): the difference between 33 and 1 new tokens, per step
     steps_cfg = {
@@ -143,7 +131,7 @@ def measure(model, stats, prompt, batch: int, repeats: int, device) -> dict:
                              **{k: v for k, v in kw.items() if k != "strategy"})
                 step_counts[(name, n)] = int(out.steps.max())
             step_fns[(name, n)] = run
-    st = interleaved(step_fns, max(5, repeats // 4), sync)
+    st = interleaved(step_fns, max(5, repeats // 4), device)
     for name in steps_cfg:
         tok = 32 * batch
         steps = step_counts[(name, 33)] - step_counts[(name, 1)]

@@ -27,6 +27,7 @@ sized (step cost, acceptance evidence) lives in ``drafting.py``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -103,8 +104,8 @@ class _Decoder:
         self.dynamo, self.draft, self.lookup, self.stats = dynamo, draft, lookup, stats
         if backend == "cuda":
             from .kernels import cuda_dynamo_step as step_policy
-        else:
-            step_policy = dynamo_step
+        else:  # sample() checked the inputs once: no per-step boundary check (and its host sync)
+            step_policy = functools.partial(dynamo_step, validate=False)
         self.step_policy = step_policy
         B, S = input_ids.shape
         self.B, self.dev, self.H, self.V = B, input_ids.device, model.n_heads, model.vocab_size
@@ -139,6 +140,7 @@ class _Decoder:
             self.seen = torch.zeros(B, self.V + 1, dtype=torch.bool, device=dev)  # column V: spare
             self.seen[torch.arange(B, device=dev)[:, None].expand(B, S)[mask], input_ids[mask]] = True
         self.residual = None  # (B, V) draft mass to remove from the next first token (sampled rejections)
+        self.next_target = None  # head 1's target at each row's last position, when the last step computed it
         self.ar_w = torch.arange(W, device=dev)
         self.cost = self.cost_lookup = None
         self.joint_overhead = 0.0
@@ -191,12 +193,18 @@ class _Decoder:
 
     # ------------------------------------------------------------ propose
 
+    def _head1_target(self, head1: torch.Tensor) -> torch.Tensor:
+        """Head 1's target at some positions, (..., V) logits -> probs (..., V) when sampling, the
+        argmax (...) when greedy. Computed once per fed position: verification, the drafters'
+        evidence and the next step's first token all read it."""
+        return self.sp.probs(head1) if self.sp.do_sample else head1.argmax(-1)
+
     def _first_token(self) -> torch.Tensor:
         """t1 (B,): exact from head 1 at the last position (its residual after a sampled rejection)."""
-        head1 = self.last_logits[:, 0]
+        target = self.next_target if self.next_target is not None else self._head1_target(self.last_logits[:, 0])
         if not self.sp.do_sample:
-            return head1.argmax(-1)
-        p1 = self.sp.probs(head1)
+            return target
+        p1 = target
         if self.residual is not None:
             res = (p1 - self.residual).clamp(min=0)
             mass = res.sum(-1, keepdim=True)
@@ -213,9 +221,7 @@ class _Decoder:
     def propose(self, active) -> Proposal:
         B, W, dev = self.B, self.W, self.dev
         if self.strategy == "ar":
-            tok = self.sp.pick(self.sp.probs(self.last_logits[:, 0])) if self.sp.do_sample \
-                else self.last_logits[:, 0].argmax(-1)
-            return Proposal(tok[:, None], active.long())
+            return Proposal(self._first_token()[:, None], active.long())
         if self.strategy == "dynamo":
             pol = self._policy(self.dynamo)
             return Proposal(pol.tokens, torch.where(active, pol.n, 0))
@@ -353,45 +359,46 @@ class _Decoder:
 
     # ------------------------------------------------------------ verify
 
-    def verify(self, prop: Proposal, head1: torch.Tensor):
-        """Tokens kept per row (B,) (>= 1 for active rows) from head 1's logits at every fed
-        position, head1 (B, T, V). Draft j (j >= 1) is checked against head 1 at fed index j-1.
-        Greedy: exact match; sampling: accept with probability min(1, p(d) / q(d)), and on the first
-        rejection q_j becomes the residual of the next step's first token."""
-        B, T, V = head1.shape
+    def verify(self, prop: Proposal, target: torch.Tensor):
+        """Tokens kept per row (B,) (>= 1 for active rows) from head 1's target at every fed
+        position (:meth:`_head1_target`: (B, T) greedy, (B, T, V) sampling). Draft j (j >= 1) is
+        checked against head 1 at fed index j-1. Greedy: exact match; sampling: accept with
+        probability min(1, p(d) / q(d)), and on the first rejection q_j becomes the residual of the
+        next step's first token."""
+        B, T = target.shape[:2]
         n, dev = prop.n, self.dev
+        self.residual = None
+        if T == 1:  # nothing drafted in any row
+            return n
         d = prop.tokens[:, 1:T].clamp(min=0)  # (B, T-1)
         checked = torch.arange(1, T, device=dev)[None] < n[:, None]
         if not self.sp.do_sample:
-            ok = head1[:, :T - 1].argmax(-1) == d
+            ok = target[:, :T - 1] == d
         else:
-            p = self.sp.probs(head1[:, :T - 1])  # (B, T-1, V)
-            p_d = p.gather(2, d[:, :, None])[:, :, 0].double()
+            p_d = target[:, :T - 1].gather(2, d[:, :, None])[:, :, 0].double()
             q_d = ((prop.q_ids[:, 1:T] == d[:, :, None]) * prop.q_probs[:, 1:T]).sum(-1).double()
             ok = self.sp.uniform((B, T - 1), dev) * q_d < p_d
         run = (ok & checked).long().cumprod(1)  # accepted prefix
         n_acc = run.sum(1)
         keep = torch.where(n >= 1, 1 + n_acc, 0)
-        self.residual = None
-        if self.sp.do_sample and T > 1:
+        if self.sp.do_sample:
             rejected = (n_acc + 1 < n)  # a draft token was checked and refused
             r = n_acc.clamp(max=T - 2) + 1  # index of the refused draft token
-            q = torch.zeros(B, V, device=dev).scatter_(1, prop.q_ids[torch.arange(B, device=dev), r],
+            q = torch.zeros(B, self.V, device=dev).scatter_(1, prop.q_ids[torch.arange(B, device=dev), r],
                                                        prop.q_probs[torch.arange(B, device=dev), r])
             self.residual = torch.where(rejected[:, None], q, 0.0)
         return keep
 
-    def _judge_first_guesses(self, prop: Proposal, head1_first: torch.Tensor, active):
-        """Each drafter's first draft token against head 1 at the first fed position (B, V): the
-        probability it would be accepted (greedy: 0 or 1; sampling: min(1, p / q))."""
+    def _judge_first_guesses(self, prop: Proposal, target0: torch.Tensor, active):
+        """Each drafter's first draft token against head 1's target at the first fed position
+        (probs (B, V) or argmax (B,)): the probability it would be accepted (greedy: 0 or 1;
+        sampling: min(1, p / q))."""
         if prop.guess_joint is None and prop.guess_lookup is None:
             return
         if self.sp.do_sample:
-            p0 = self.sp.probs(head1_first).double()  # (B, V)
-            prob = lambda tok: p0.gather(1, tok.clamp(min=0)[:, None])[:, 0]  # noqa: E731
+            prob = lambda tok: target0.gather(1, tok.clamp(min=0)[:, None])[:, 0].double()  # noqa: E731
         else:
-            top = head1_first.argmax(-1)
-            prob = lambda tok: (tok == top).double()  # noqa: E731
+            prob = lambda tok: (tok == target0).double()  # noqa: E731
         if prop.guess_joint is not None:
             accept = prob(prop.guess_joint)
             if self.sp.do_sample:
@@ -444,16 +451,16 @@ class _Decoder:
             new_last = self.model.head_logits(last)
         else:
             head1 = self.model.head_logits(hidden[:, :, 0])  # (B, T, V)
-            self._judge_first_guesses(prop, head1[:, 0], active)
-            keep = self.verify(prop, head1) if T > 1 else prop.n
+            target = self._head1_target(head1)
+            self._judge_first_guesses(prop, target[:, 0], active)
+            keep = self.verify(prop, target)
             at = (keep - 1).clamp(min=0)
+            self.next_target = target[rows, at]
             new_last = head1[rows, at][:, None]
             if self.step_heads > 1:  # heads 2..H only at the last kept position
                 new_last = torch.cat([new_last, self.model.head_logits(hidden[rows, at, 1:])], dim=1)
             elif self.heads > 1:  # heads on demand: stale until the next catch-up
                 new_last = torch.cat([new_last, self.last_logits[:, 1:]], dim=1)
-        if self.strategy in ("speculative", "lookup") and T == 1:
-            self.residual = None
         keep = self.commit(prop, keep, T, active)
         if self.step_heads > 1:
             self.heads_len = self.cache.lengths.clone()

@@ -339,7 +339,8 @@ def _check_step_args(head_logits, cfg, stats, do_sample, temperature, top_k, see
 def dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats: Optional[CooccurrenceWeights] = None,
                 do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
                 generator: Optional[torch.Generator] = None, seen_tokens: Optional[torch.Tensor] = None,
-                first_tokens: Optional[torch.Tensor] = None, max_tokens: Optional[torch.Tensor] = None) -> StepOutput:
+                first_tokens: Optional[torch.Tensor] = None, max_tokens: Optional[torch.Tensor] = None,
+                validate: bool = True) -> StepOutput:
     """One DynaMo step for a batch (see the module docstring).
 
     Parameters
@@ -354,6 +355,8 @@ def dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats: Optional
     seen_tokens : bool tensor (B, V) or None; tokens already in each row (repetition penalty).
     first_tokens : LongTensor (B,) or None; speculative mode (first token fixed, see module doc).
     max_tokens : LongTensor (B,) or None; cap on the n-gram length per row (e.g. tokens left).
+    validate : check the arguments (one host sync for the values). The decoding loop passes False:
+        ``sample()`` checked its inputs once, and the loop refuses NaN logits itself.
 
     Returns
     -------
@@ -366,8 +369,9 @@ def dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats: Optional
         kernels; a head whose logits are all -inf contributes no n-gram, and where it is head 1
         the row emits token 0.
     """
-    head_logits = _check_step_args(head_logits, cfg, stats, do_sample, temperature, top_k, seen_tokens, first_tokens,
-                                   max_tokens)
+    if validate:
+        head_logits = _check_step_args(head_logits, cfg, stats, do_sample, temperature, top_k, seen_tokens,
+                                       first_tokens, max_tokens)
     B, H, V = head_logits.shape
     k = min(cfg.k, V)
     dev = head_logits.device

@@ -251,13 +251,11 @@ def test_prepare_data_tiny_root_writes_files_and_is_deterministic(tmp_path):
             assert [decode(tok, p[p != EOS_ID]) for p in pieces] == [t for _, t in docs]
 
 
-def test_train_modules_reexport_the_shared_corpus_and_tokenizer_loading():
+def test_train_modules_reexport_the_shared_tokenizer_loading():
     """Training code keeps its old import paths; inference and training share one implementation."""
     import dynamo_sampling.cooccurrence as cooccurrence
-    import dynamo_sampling.train.corpus as train_corpus
     import dynamo_sampling.train.tokenizer as train_tokenizer_module
 
-    assert train_corpus.load_split is corpus.load_split and train_corpus.split_of is corpus.split_of
     assert train_tokenizer_module.load_tokenizer is load_tokenizer and train_tokenizer_module.EOS_ID == EOS_ID
     assert train_tokenizer_module.file_sha256 is file_sha256 is cooccurrence.tokenizer_fingerprint
 

@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from dynamo_sampling.models.tiny import TinyMTP, TinyMTPConfig  # noqa: E402
-from dynamo_sampling.train.corpus import stdlib_root  # noqa: E402
+from dynamo_sampling.corpus import stdlib_root  # noqa: E402
 from dynamo_sampling.train.tokenizer import encode, train_tokenizer  # noqa: E402
 from dynamo_sampling.train.trainer import save_model  # noqa: E402
 from evals import metrics  # noqa: E402

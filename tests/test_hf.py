@@ -16,6 +16,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXFor
 from dynamo_sampling import sample  # noqa: E402
 from dynamo_sampling.models.hf import HFMTP, load_heads, save_heads  # noqa: E402
 from dynamo_sampling.train.hf_heads import head_accuracy, train_heads  # noqa: E402
+import toy_models  # noqa: E402
 
 V = 97
 TOL = 1e-5  # fp32; cached and uncached paths run the same ops on different shapes
@@ -199,14 +200,7 @@ def test_forward_makes_no_host_sync(family):
 
 
 def left_padded(seed: int, lens=(5, 9, 2, 7)):
-    g = torch.Generator().manual_seed(seed)
-    S = max(lens)
-    ids = torch.zeros(len(lens), S, dtype=torch.long)
-    mask = torch.zeros(len(lens), S, dtype=torch.long)
-    for i, n in enumerate(lens):
-        ids[i, S - n:] = torch.randint(3, V, (n,), generator=g)
-        mask[i, S - n:] = 1
-    return ids, mask
+    return toy_models.left_padded(seed, V, lens, low=3)  # ids >= 3: clear of the special tokens
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 
 from dynamo_sampling import sample  # noqa: E402
 from dynamo_sampling.models.meta_mtp import ffn_hidden_size, load_meta_mtp  # noqa: E402
+import toy_models  # noqa: E402
 
 V, DIM, N_HEADS, N_KV, TRUNK, N_FUTURE = 97, 64, 4, 2, 3, 3
 PARAMS = {"dim": DIM, "n_layers": TRUNK + N_FUTURE - 1, "n_heads": N_HEADS, "n_kv_heads": N_KV, "vocab_size": V,
@@ -125,14 +126,7 @@ def reference_greedy(state, params, prompt, n):
 
 
 def left_padded(seed: int, lens=(5, 9, 2, 7)):
-    g = torch.Generator().manual_seed(seed)
-    S = max(lens)
-    ids = torch.zeros(len(lens), S, dtype=torch.long)
-    mask = torch.zeros(len(lens), S, dtype=torch.long)
-    for i, n in enumerate(lens):
-        ids[i, S - n:] = torch.randint(3, V, (n,), generator=g)
-        mask[i, S - n:] = 1
-    return ids, mask
+    return toy_models.left_padded(seed, V, lens, low=3)  # ids >= 3: clear of the special tokens
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,19 @@ def ragged_prompts(n_rows: int, V: int, seed: int, min_len: int = 2, max_len: in
     return ids, mask
 
 
+def left_padded(seed: int, V: int, lens=(5, 9, 2, 7), low: int = 0):
+    """(input_ids, attention_mask), both (len(lens), max(lens)) int64: rows of the given lengths,
+    left-padded, tokens uniform in [low, V)."""
+    g = torch.Generator().manual_seed(seed)
+    S = max(lens)
+    ids = torch.zeros(len(lens), S, dtype=torch.long)
+    mask = torch.zeros(len(lens), S, dtype=torch.long)
+    for i, n in enumerate(lens):
+        ids[i, S - n:] = torch.randint(low, V, (n,), generator=g)
+        mask[i, S - n:] = 1
+    return ids, mask
+
+
 def oracle_model(V: int = 16, H: int = 3, seed: int = 0) -> TableMTP:
     """Knows one fixed cyclic sequence: head h puts a +20 logit on the token h steps ahead."""
     perm = torch.randperm(V, generator=torch.Generator().manual_seed(seed))
