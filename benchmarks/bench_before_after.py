@@ -1,4 +1,4 @@
-"""``ar`` (and the other strategies) of this tree against an earlier checkout, on the same prompts.
+"""This tree against an earlier checkout, on the same prompts: decoding speed and step costs.
 
 Not a test. Usage::
 
@@ -7,7 +7,9 @@ Not a test. Usage::
 
 Each round runs one subprocess per tree (before, then this one; alternating rounds start with the
 other), each on one torch thread, decoding the same held-out prompts (the stdlib test split, 128
-tokens each) greedily for 64 new tokens per strategy at B = 1. A tree's tokens/s is its best round
+tokens each) greedily for 64 new tokens per strategy at B = 1, then times the step costs both trees
+can run (forwards through the model protocol, whole steps through ``sample()``) on the first prompt.
+A tree's tokens/s and step costs are its best round
 (load from other processes only slows a run down). This tree runs in each ``--dtypes`` entry; the
 earlier one in its own default. JSON to ``--out`` and a Markdown table beside it.
 """
@@ -48,6 +50,37 @@ for s in strategies:
         toks += out.shape[1] - p.shape[1]
         outs.append(out[0, p.shape[1]:].tolist())
     res[s] = {"tokens_per_s": toks / (time.perf_counter() - t0), "tokens": outs}
+# step costs, as both trees can run them: forwards through the model protocol (every logit), and
+# whole steps through sample() as (time of 33 new tokens - time of 1) / (steps of 33 - steps of 1)
+H, P = model.n_heads, prompts[0][:, :128]
+cache = model.new_cache(1, max_len=128 + H)
+with torch.inference_mode():
+    model(P, torch.arange(128)[None], cache, heads=H)
+    fwd = {f"forward heads={h}, T={T}": (h, T) for h, T in ((1, 1), (H, 1), (H, H))}
+    times = {k: [] for k in fwd}
+    for r in range(33):
+        for k, (h, T) in fwd.items():
+            t0 = time.perf_counter()
+            model(P[:, :T], (128 + torch.arange(T))[None], cache, heads=h)
+            if r >= 3:
+                times[k].append(time.perf_counter() - t0)
+steps = {"step ar": dict(strategy="ar"), "step dynamo sampled eps_b 0.03": dict(strategy="dynamo", do_sample=True,
+         eps_b=0.03), "step speculative greedy": dict(strategy="speculative")}
+stimes = {(k, n): [] for k in steps for n in (1, 33)}
+nsteps = {}
+for r in range(6):
+    for (k, n) in stimes:
+        t0 = time.perf_counter()
+        o = sample(model, P, max_new_tokens=n, stats=stats, return_dict_in_generate=True,
+                   generator=torch.Generator().manual_seed(0), **steps[k])
+        if r:
+            stimes[(k, n)].append(time.perf_counter() - t0)
+        nsteps[(k, n)] = int(o.steps[0])
+med = lambda v: sorted(v)[len(v) // 2]
+res["step_ms"] = {k: 1e3 * med(v) for k, v in times.items()}
+for k in steps:
+    res["step_ms"][k] = 1e3 * (med(stimes[(k, 33)]) - med(stimes[(k, 1)])) / max(nsteps[(k, 33)] - nsteps[(k, 1)], 1)
+    res["step_ms"][k + " (tokens/step)"] = 33 / nsteps[(k, 33)]
 print(json.dumps(res))
 """
 
@@ -70,12 +103,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     runs = {"before": (Path(args.before), "default")}
     runs.update({f"after {d}": (ROOT, d) for d in args.dtypes})
-    best = {}
+    best, step_ms = {}, {}
     for r in range(args.rounds):
         order = list(runs) if r % 2 == 0 else list(runs)[::-1]
         for name in order:
             tree, dtype = runs[name]
             res = run_tree(tree, args.strategies, args.n_prompts, dtype)
+            for k, v in res["step_ms"].items():  # fastest round (tokens/step are the same every round)
+                step_ms.setdefault(name, {})[k] = min(v, step_ms.get(name, {}).get(k, float("inf")))
             for s in args.strategies:
                 key = (name, s)
                 if key not in best or res[s]["tokens_per_s"] > best[key]["tokens_per_s"]:
@@ -96,11 +131,19 @@ def main(argv=None) -> int:
         rows.append(row)
         lines.append(f"| {name} | {s} | {row['dtype'].replace('torch.', '')} | {row['tokens_per_s']:.1f} | "
                      f"{row['vs_before']:.2f} | {row['same_tokens']} |")
+    names = list(runs)
+    lines += ["", "Step costs (ms, fastest round; forwards unembed every row of every head, as the earlier code "
+              "did; a whole step is (time of 33 new tokens - time of 1) / steps):", "",
+              "| measurement | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for k in step_ms["before"]:
+        fmt = "{:.2f}" if k.endswith("(tokens/step)") else "{:.3f}"
+        lines.append(f"| {k} | " + " | ".join(fmt.format(step_ms[n][k]) for n in names) + " |")
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "before": str(args.before), "rows": rows}, indent=2))
+    out.write_text(json.dumps({"machine": machine, "before": str(args.before), "rows": rows, "step_ms": step_ms},
+                              indent=2))
     out.with_suffix(".md").write_text(table + "\n")
     print(json.dumps({f"{r['tree']}/{r['strategy']}": round(r["vs_before"], 3) for r in rows}))
     return 0
