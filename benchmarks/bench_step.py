@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from dynamo_sampling import DynamoConfig, dynamo_step, load_pretrained, sample  # noqa: E402
-from dynamo_sampling.models.tiny import FeedPlan, grouped_block  # noqa: E402
+from dynamo_sampling.models.tiny import grouped_block  # noqa: E402
 from dynamo_sampling.pretrained import resolve_dtype  # noqa: E402
 from benchmarks.bench_core import time_interleaved  # noqa: E402
 from evals.assets import machine_info, machine_line  # noqa: E402
@@ -82,7 +82,7 @@ def measure(model, stats, prompt, batch: int, repeats: int, device) -> dict:
 
     stem_w, head_w, _, _ = model.inference_weights()
     x1 = model.embed(feed[1][0])
-    plan1 = FeedPlan(feed[1][1], cfg.head_dim, cfg.rope_base, cache)
+    plan1 = model._plan(feed[1][1], cache)
     hid1 = torch.randn(batch, 1, cfg.d_model, device=device, dtype=x1.dtype)
     hid3 = torch.randn(batch, 3, cfg.d_model, device=device, dtype=x1.dtype)
 

@@ -13,7 +13,10 @@ ahead, natural log, full softmax at temperature 1):
   perplexity per token of the joint n-token prediction ``prod_{h<=n} p_h(x[t+h])`` (the heads'
   product, the quantity DynaMo's joint J scores). Because every head is averaged over the same
   positions it equals the geometric mean of ``PPL_1 .. PPL_n``; ``PPL_1:1 = PPL_1``;
-* ``top1_acc_n`` = share of positions where head ``n``'s argmax is ``x[t+n]``.
+* ``top1_acc_n`` = share of positions where head ``n``'s argmax is ``x[t+n]``;
+* ``agree_n`` = share of positions where head ``n``'s argmax at ``t`` equals head 1's argmax at
+  ``t+n-1`` (both predict ``x[t+n]``; pairs within one window): what greedy speculative decoding
+  needs for head ``n``'s draft to be kept. ``agree_1 = 1``.
 
 Positions: the token stream (documents joined by EOS, as in training) is cut into non-overlapping
 windows of ``seq_len`` input tokens; window ``w`` feeds ``x[w*L .. w*L+L-1]`` with no cache (each
@@ -79,6 +82,8 @@ def perplexities(model, tokens_np, seq_len: int = 256, batch_size: int = 4, max_
     offsets = torch.arange(L + H)
     nll_sum = torch.zeros(H, dtype=torch.float64)
     correct = torch.zeros(H, dtype=torch.float64)
+    agree = torch.zeros(H, dtype=torch.float64)
+    agree_n = torch.zeros(H, dtype=torch.float64)
     positions = torch.arange(L, device=dev)
     batches = range(0, n_windows, batch_size)
     if progress:
@@ -89,7 +94,10 @@ def perplexities(model, tokens_np, seq_len: int = 256, batch_size: int = 4, max_
         x = t[starts[b0:b0 + batch_size, None] + offsets].to(dev)  # (B, L + H)
         B = x.shape[0]
         logits = model(x[:, :L], positions.expand(B, L), None, heads=H)  # (B, L, H, V)
+        top = logits.argmax(-1)  # (B, L, H)
         for h in range(H):
+            agree[h] += (top[:, :L - h, h] == top[:, h:, 0]).double().sum().cpu()
+            agree_n[h] += B * (L - h)
             target = x[:, h + 1:h + 1 + L]  # (B, L): head h+1 predicts x[t + h + 1]
             logp = torch.log_softmax(logits[:, :, h].float(), dim=-1)
             nll_sum[h] -= logp.gather(-1, target[..., None]).double().sum().cpu()
@@ -102,15 +110,16 @@ def perplexities(model, tokens_np, seq_len: int = 256, batch_size: int = 4, max_
         "ppl": [math.exp(v) for v in nll],
         "ppl_joint": [math.exp(sum(nll[:n]) / n) for n in range(1, H + 1)],
         "top1_acc": (correct / count).tolist(),
+        "agree": (agree / agree_n.clamp(min=1)).tolist(),
     }
 
 
 def format_table(res: dict) -> str:
-    lines = [f"{'head n':>6} | {'NLL_n':>7} | {'PPL_n':>9} | {'PPL_1:n':>9} | {'top-1 acc':>9}",
-             "-" * 52]
+    lines = [f"{'head n':>6} | {'NLL_n':>7} | {'PPL_n':>9} | {'PPL_1:n':>9} | {'top-1 acc':>9} | {'agree w/ 1':>10}",
+             "-" * 65]
     for h in range(res["n_heads"]):
         lines.append(f"{h + 1:>6} | {res['nll'][h]:7.4f} | {res['ppl'][h]:9.3f} | {res['ppl_joint'][h]:9.3f} | "
-                     f"{res['top1_acc'][h]:9.4f}")
+                     f"{res['top1_acc'][h]:9.4f} | {res['agree'][h]:10.4f}")
     lines.append(f"({res['n_windows']} windows x {res['seq_len']} tokens = {res['n_positions']:,} positions)")
     return "\n".join(lines)
 
@@ -152,12 +161,13 @@ def main(argv=None) -> int:
                 "seconds": time.perf_counter() - t0, "machine": machine_info(),
                 "definitions": {"ppl": "exp(mean_t -log p_n(x[t+n]))",
                                 "ppl_joint": "exp(mean_t (1/n) sum_{h<=n} -log p_h(x[t+h])) (DynaMo Eq. 4)",
-                                "top1_acc": "share of positions where argmax p_n = x[t+n]"}})
+                                "top1_acc": "share of positions where argmax p_n = x[t+n]",
+                                "agree": "share of positions where argmax p_n at t = argmax p_1 at t+n-1"}})
     print(format_table(res))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
-    print(json.dumps({k: res[k] for k in ("ppl", "ppl_joint", "top1_acc", "n_positions")}))
+    print(json.dumps({k: res[k] for k in ("ppl", "ppl_joint", "top1_acc", "agree", "n_positions")}))
     return 0
 
 

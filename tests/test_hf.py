@@ -168,29 +168,16 @@ def test_output_hidden_and_head_logits(family):
     assert hidden.dtype == torch.bfloat16 and model.head_logits(hidden).dtype == torch.float32
 
 
-class SyncRecorder(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the aten ops that read a tensor's value on the host (what makes a GPU step wait)."""
-    SYNCS = ("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal", "aten.item")
-
-    def __init__(self):
-        super().__init__()
-        self.syncs = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func).startswith(self.SYNCS):
-            self.syncs.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
 def test_forward_makes_no_host_sync(family):
     model = make_wrapper(make_base(family))
     cache = model.new_cache(2, max_len=16)
+    cache.static = True  # the accelerator's mode: on a CPU a feed may read its highest position
     model(torch.randint(0, V, (2, 6)), torch.arange(6).expand(2, 6), cache)
     for grouped in (False, True):
         model.grouped_heads = grouped
-        with SyncRecorder() as rec:
+        with toy_models.SyncRecorder() as rec:
             model(torch.randint(0, V, (2, 3)), torch.tensor([[6, 7, 8], [6, -1, -1]]), cache)
             model(torch.randint(0, V, (2, 3)), torch.tensor([[9, 10, 11], [7, 8, 9]]), cache, output_hidden=True)
             model(torch.randint(0, V, (2, 1)), torch.tensor([[12], [10]]), cache, heads=1)

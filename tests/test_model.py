@@ -179,3 +179,25 @@ def test_extra_heads_catch_up_equals_running_all_heads(normed_model, reference):
         assert torch.allclose(normed_model.head_logits(late), full[:, 5:9, 1:], atol=1e-5)
         after = normed_model(ids[:, 9:12], pos[:, 9:12], cache, reference=reference)
     assert torch.allclose(after, full[:, 9:12], atol=1e-5)
+
+
+@torch.no_grad()
+def test_static_cache_same_logits_and_no_host_sync(normed_model):
+    """A static cache (the accelerator's mode: every feed attends over all max_len slots) gives the
+    logits of the CPU's highest-position width, and the fast path then reads nothing on the host."""
+    from toy_models import SyncRecorder
+
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    feeds = [(ids[:, :6], torch.arange(6).expand(2, 6)), (ids[:, 6:9], torch.tensor([[6, 7, 8], [6, -1, -1]]))]
+    out = {}
+    for static in (False, True):
+        cache = normed_model.new_cache(2, 16)
+        cache.static = static
+        with SyncRecorder() as rec:
+            out[static] = [normed_model(i, p, cache) for i, p in feeds]
+            hidden, stem = normed_model(ids[:, :1], torch.tensor([[9], [7]]), cache, heads=1, output_stem=True)
+            normed_model.extra_heads(stem, torch.tensor([[9], [7]]), cache)
+        if static:
+            assert rec.syncs == []
+    for a, b in zip(out[False], out[True]):
+        assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1, :1], b[1, :1], atol=1e-5)

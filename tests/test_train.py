@@ -39,7 +39,7 @@ def tiny_data(tmp_path_factory):
 def test_short_training_lowers_every_head_loss(tiny_data, tmp_path, recipe):
     torch.set_num_threads(1)
     cfg = TrainConfig(data_dir=str(tiny_data), out_dir=str(tmp_path), recipe=recipe, steps=80, pretrain_fraction=0.4,
-                      batch_size=8, seq_len=32, lr=3e-3, warmup_steps=5, eval_every=1000, checkpoint_every=1000,
+                      batch_size=8, seq_len=32, lr=3e-3, warmup_steps=5, eval_every=20, checkpoint_every=1000,
                       eval_batches=2, model=MODEL)
     result = train(cfg, progress=False)
     hist = result["history"]
@@ -52,6 +52,9 @@ def test_short_training_lowers_every_head_loss(tiny_data, tmp_path, recipe):
         assert [r["phase"] for r in hist][:32] == [1] * 32 and hist[-1]["phase"] == 2
     model = TinyMTP.from_pretrained(str(tmp_path / "final"))
     assert model.n_heads == H and (tmp_path / "summary.json").is_file()
+    best = json.loads((tmp_path / "summary.json").read_text())["best"]  # lowest mean val loss, all heads
+    vals = [np.mean(r["val"]) for r in hist if len(r.get("val", ())) == H]
+    assert np.mean(best["val"]) == min(vals) and (tmp_path / "best" / "model.safetensors").is_file()
 
 
 def test_resume_continues_from_checkpoint(tiny_data, tmp_path):
@@ -80,6 +83,44 @@ def test_per_head_backward_equals_summed_loss_gradient():
     loss.backward()
     for n, p in m.named_parameters():
         assert torch.allclose(p.grad, trick[n], atol=1e-6), n
+
+
+def test_distillation_gradient_is_that_of_the_kl_to_head_1():
+    """distill=a: heads 2..H learn (1-a) CE + a KL(head 1 at t+h-1, detached || head h at t); the
+    trainer's soft cross-entropy differs from that KL by head 1's entropy only, so the gradients match."""
+    torch.manual_seed(0)
+    m = TinyMTP(TinyMTPConfig(vocab_size=50, **MODEL))
+    x = torch.randint(0, 50, (2, 19))
+    a, T, F = 0.3, 16, torch.nn.functional
+    losses = head_losses(m, x, 3, distill=a)
+    trick = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    logp = torch.log_softmax(m(x[:, :T], torch.arange(T).expand(2, T)), dim=-1)  # (B, T, H, V)
+    teacher = logp[:, :, 0].detach()
+    ce = [F.nll_loss(logp[:, :, h].reshape(-1, 50), x[:, h + 1:h + 1 + T].reshape(-1)) for h in range(3)]
+    kl = [F.kl_div(logp[:, :T - h, h], teacher[:, h:], log_target=True, reduction="none").sum(-1).mean()
+          for h in range(3)]
+    loss = (ce[0] + sum((1 - a) * ce[h] + a * kl[h] for h in (1, 2))) / 3
+    loss.backward()
+    for n, p in m.named_parameters():
+        assert torch.allclose(p.grad, trick[n], atol=1e-6), n
+    assert losses == pytest.approx([c.item() for c in ce], rel=1e-5)  # reported: the data loss
+    with pytest.raises(ValueError, match="distill must be in"):
+        train(TrainConfig(distill=1.5), progress=False)
+
+
+def test_init_from_starts_from_a_saved_model(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    start = TinyMTP(TinyMTPConfig(vocab_size=64, **MODEL))
+    start.save_pretrained(str(tmp_path / "start"), dtype=torch.float32)
+    base = dict(data_dir=str(tiny_data), out_dir=str(tmp_path / "run"), steps=2, batch_size=2, seq_len=16,
+                eval_every=1000, checkpoint_every=1000, eval_batches=1, init_from=str(tmp_path / "start"))
+    train(TrainConfig(**base, lr=0.0), progress=False)  # lr 0: the weights stay the starting ones
+    after = TinyMTP.from_pretrained(str(tmp_path / "run" / "final"))  # "final" is saved in bf16
+    for (n, p), q in zip(start.named_parameters(), after.parameters()):
+        assert torch.equal(p.bfloat16().float(), q), n
+    with pytest.raises(ValueError, match="disagrees with {'d_model': 64}"):
+        train(TrainConfig(**base, model={"d_model": 64}), progress=False)
 
 
 def test_save_load_round_trip(tmp_path):

@@ -1,7 +1,7 @@
 """Tiny models that follow the MTP protocol with known outputs (used by the decoding tests)."""
 import torch
 
-from dynamo_sampling.models.tiny import KVCache
+from dynamo_sampling.models.cache import KVCache
 
 
 class TableMTP(torch.nn.Module):
@@ -91,3 +91,17 @@ class NaNModel(TableMTP):
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)
         return (out[0] * float("nan"), out[1]) if isinstance(out, tuple) else out * float("nan")
+
+
+class SyncRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten ops that read a tensor's value on the host (what makes a GPU step wait)."""
+    SYNCS = ("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal", "aten.item")
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(self.SYNCS):
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))

@@ -1,4 +1,5 @@
 """MTP models behind one protocol (see ``tiny.py``); ``hf`` adapters need the ``hf`` extra."""
-from .tiny import KVCache, TinyMTP, TinyMTPConfig
+from .cache import FeedPlan, KVCache
+from .tiny import TinyMTP, TinyMTPConfig
 
-__all__ = ["KVCache", "TinyMTP", "TinyMTPConfig"]
+__all__ = ["FeedPlan", "KVCache", "TinyMTP", "TinyMTPConfig"]

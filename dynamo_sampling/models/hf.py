@@ -13,21 +13,24 @@ raises ``TypeError``. Attention must be ``"eager"`` or ``"sdpa"`` (the 4-D masks
 Tested with transformers 5.24; needs a version whose decoder layers take ``position_embeddings`` from
 the model-level ``rotary_emb`` module (4.48 or later).
 
-The cache (:class:`HFKVCache`) is this library's, not a ``transformers`` ``Cache``: rows of a batch have
+The cache (:class:`~dynamo_sampling.models.cache.KVCache`, the one every model here uses) is this
+library's, not a ``transformers`` ``Cache``: rows of a batch have
 their own positions (ragged prompts, ragged acceptance), and ``DynamicCache``/``StaticCache`` append
 or write at one ``cache_position`` shared by all rows. So every layer is run through its family's own
 ``forward`` (no forked model code: the family keeps its attention, GQA, partial rotary, parallel
-residual) with a :class:`FeedPlan` built once per forward and shared by every layer, stem and heads:
+residual) with the :class:`~dynamo_sampling.models.cache.FeedPlan` (shared with ``TinyMTP``) built once
+per forward and shared by every layer, stem and heads:
 
 * ``position_embeddings`` from the model's ``rotary_emb`` on per-row ``positions`` (padding -> 0);
 * a 4-D additive mask ``(B, 1, T, S)``: query at position ``q`` sees keys at positions ``<= q`` of its
   own row (padding queries see slot 0 only, their output is garbage and discarded); with a cache ``S`` is
-  the cache's ``max_len``, so a step's shapes depend on ``(B, T)`` only;
+  the cache's ``max_len`` on an accelerator, so a step's shapes depend on ``(B, T)`` only (on a CPU the
+  highest fed position + 1);
 * the cache write indices, used by a duck-typed cache object whose ``update(keys, values, layer_idx, ...)``
   - the only cache method these attention modules call - writes each real token's keys/values to slot
-  ``position`` of its row (padding to a spare slot nobody reads) and returns slots ``0..max_len-1``.
+  ``position`` of its row (padding to a spare slot nobody reads) and returns slots ``0..S-1``.
 
-Building the plan needs no host sync (no ``.item()``, ``nonzero`` or data-dependent shape), so a forward
+Building the plan needs no host sync on an accelerator (no ``.item()``, ``nonzero`` or data-dependent shape), so a forward
 can be queued on a GPU or captured in a CUDA graph; positions beyond the cache or the context are
 checked on the device (``torch._assert_async``: a ``RuntimeError`` on CPU).
 
@@ -56,6 +59,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from torch.func import functional_call, vmap
+
+from .cache import FeedPlan, KVCache, check_positions
 
 try:
     import transformers
@@ -122,82 +127,28 @@ def config_fingerprint(config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
-class HFKVCache:
-    """Preallocated, position-addressed keys and values for every attention layer of an :class:`HFMTP`.
-
-    ``k``/``v`` are ``(n_attn_layers, B, kv_heads, max_len + 1, head_dim)`` in the cache's dtype; slot ``p`` of
-    row ``b`` holds the token at position ``p``, and the extra slot ``max_len`` is where padding tokens' writes
-    go (never attended to). Layers are ordered stem, head 1, heads 2..H, so heads 2..H's caches are one
-    contiguous slice for the grouped call. ``lengths`` (B,) int64 is the decoder's bookkeeping; the model only
-    reads positions.
-    """
-
-    def __init__(self, n_attn_layers: int, batch_size: int, max_len: int, kv_heads: int, head_dim: int, dtype,
-                 device):
-        shape = (n_attn_layers, batch_size, kv_heads, max_len + 1, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.max_len = max_len
-        self.dtype = dtype
-        self.device = self.k.device
-        self.slots = torch.arange(max_len, device=self.device)  # (max_len,): the key slots every query may see
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
-
-
-@dataclass
-class FeedPlan:
-    """What every layer of one forward shares, built once per forward by :meth:`HFMTP.feed_plan`, no host sync.
-
-    positions : (B, T) int64, the caller's, -1 for padding.
-    position_ids : (B, T) int64, padding -> 0.
-    position_embeddings : the base's rotary ``(cos, sin)`` at ``position_ids``, in the hidden dtype.
-    mask : (B, 1, T, S) additive, hidden dtype; S = ``cache.max_len`` with a cache, T without.
-    cache : HFKVCache or None.
-    write_index : with a cache, ``(rows (B, 1, 1), kv heads (1, kv_heads, 1), slots (B, 1, T))`` int64 for
-        ``index_put_`` of a layer's keys/values (B, kv_heads, T, head_dim); padding goes to slot ``max_len``.
-    """
-    positions: torch.Tensor
-    position_ids: torch.Tensor
-    position_embeddings: tuple
-    mask: torch.Tensor
-    cache: Optional[HFKVCache]
-    write_index: Optional[tuple]
-
-    def writer(self, keys=None, values=None) -> Optional["_SlotWriter"]:
-        """The cache object a layer receives: over the whole cache (``update`` picks the layer by ``layer_idx``),
-        or over one layer's ``keys``/``values`` (B, kv_heads, max_len + 1, head_dim) as given."""
-        if self.cache is None:
-            return None
-        if keys is None:
-            return _SlotWriter(self.cache.k, self.cache.v, self.write_index, self.cache.max_len, by_layer=True)
-        return _SlotWriter(keys, values, self.write_index, self.cache.max_len, by_layer=False)
-
-
 class _SlotWriter:
-    """Duck-types ``transformers.Cache.update`` for one forward: key_states, value_states (B, kv_heads, T, head_dim)
-    -> written to their slots; returns keys, values (B, kv_heads, max_len, head_dim), the cache's slots 0..max_len-1.
-    ``index_put_`` (not ``scatter_``) because it has a ``vmap`` batching rule."""
+    """Duck-types ``transformers.Cache.update`` for one forward: a layer's key_states, value_states
+    (B, kv_heads, T, head_dim) go to their slots through :meth:`FeedPlan.write`, which returns the slots
+    attention reads. Over the whole cache (the layer picked by ``layer_idx``) or over one layer's
+    ``keys``/``values`` (B, kv_heads, max_len + 1, head_dim) as given (the vmapped heads)."""
 
-    __slots__ = ("keys", "values", "index", "width", "by_layer")
+    __slots__ = ("plan", "keys", "values")
 
-    def __init__(self, keys, values, index, width: int, by_layer: bool):
-        self.keys, self.values, self.index, self.width, self.by_layer = keys, values, index, width, by_layer
+    def __init__(self, plan: FeedPlan, keys=None, values=None):
+        self.plan, self.keys, self.values = plan, keys, values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        ck, cv = (self.keys[layer_idx], self.values[layer_idx]) if self.by_layer else (self.keys, self.values)
-        ck.index_put_(self.index, key_states.to(ck.dtype))
-        cv.index_put_(self.index, value_states.to(cv.dtype))
-        return ck[:, :, :self.width].to(key_states.dtype), cv[:, :, :self.width].to(value_states.dtype)
+        if self.keys is None:
+            keys, values = self.plan.cache.k[layer_idx], self.plan.cache.v[layer_idx]
+        else:
+            keys, values = self.keys, self.values
+        return self.plan.write(keys, values, key_states, value_states)
 
 
-def _check_positions(positions: torch.Tensor, limit: int, what: str):
-    """positions < limit, checked on the positions' device without a host sync (RuntimeError on CPU)."""
-    if positions.numel():
-        torch._assert_async(positions.max() < limit, f"a position is beyond {what} ({limit} positions)")
+def _writer(plan: FeedPlan, keys=None, values=None) -> Optional[_SlotWriter]:
+    """The cache object a layer receives (None without a cache)."""
+    return None if plan.cache is None else _SlotWriter(plan, keys, values)
 
 
 class HFMTP(nn.Module):
@@ -287,7 +238,7 @@ class HFMTP(nn.Module):
     def max_seq_len(self) -> int:
         return int(self.base.config.max_position_embeddings)
 
-    def new_cache(self, batch_size: int, max_len: Optional[int] = None, dtype=None, device=None) -> HFKVCache:
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None, dtype=None, device=None) -> KVCache:
         """Preallocate a cache for ``batch_size`` rows and ``max_len`` positions (default: the context).
         Every step attends over all ``max_len`` slots (masked), so size it to what the decoding needs."""
         max_len = self.max_seq_len if max_len is None else max_len
@@ -295,43 +246,27 @@ class HFMTP(nn.Module):
             raise ValueError(f"cache max_len {max_len} exceeds the model's context {self.max_seq_len}")
         parts = _parts(self.base)
         p = next(self.head_layers[0].parameters())
-        return HFKVCache(self._n_stem + self.n_heads, batch_size, max_len, parts.kv_heads, parts.head_dim,
-                         dtype or p.dtype, device or p.device)
+        return KVCache(self._n_stem + self.n_heads, batch_size, parts.kv_heads, max_len, parts.head_dim,
+                       dtype or p.dtype, device or p.device)
 
     # ---- the pieces head_losses and forward share -----------------------------------------------
     def _layer_kwargs(self, plan: FeedPlan, cache_obj) -> dict:
-        return {"attention_mask": plan.mask, "position_ids": plan.position_ids,
-                "position_embeddings": plan.position_embeddings, self._cache_kwarg: cache_obj}
+        return {"attention_mask": plan.additive_mask(plan.rope[0].dtype), "position_ids": plan.position_ids,
+                "position_embeddings": plan.rope, self._cache_kwarg: cache_obj}
 
     def _run_layer(self, layer: nn.Module, x: torch.Tensor, plan: FeedPlan, cache_obj) -> torch.Tensor:
         out = layer(x, **self._layer_kwargs(plan, cache_obj))
         return out[0] if isinstance(out, tuple) else out  # transformers < 5 returned tuples
 
-    def feed_plan(self, x: torch.Tensor, positions: torch.Tensor, cache: Optional[HFKVCache]) -> FeedPlan:
-        """The once-per-forward :class:`FeedPlan` for embeddings x (B, T, d) at positions (B, T). No host sync."""
-        _check_positions(positions, self.max_seq_len, "the model's context")
-        valid = positions >= 0  # (B, T)
-        position_ids = positions.clamp(min=0)
-        write_index = None
-        if cache is None:
-            key_pos = torch.where(valid, positions, torch.iinfo(torch.long).max)  # (B, T)
-            allowed = key_pos[:, None, None, :] <= position_ids[:, None, :, None]  # (B, 1, T, T)
-            allowed = allowed | ~valid[:, None, :, None]  # padding queries: anything (output discarded)
-        else:
-            if cache.batch_size != positions.shape[0]:
-                raise ValueError(f"the cache holds {cache.batch_size} rows, the input {positions.shape[0]}")
-            _check_positions(positions, cache.max_len, "the cache's max_len")
-            allowed = cache.slots[None, None, None, :] <= position_ids[:, None, :, None]  # (B, 1, T, max_len)
-            B, kv_heads = positions.shape[0], cache.k.shape[2]
-            slots = torch.where(valid, positions, cache.max_len)  # (B, T); padding -> the spare slot
-            write_index = (torch.arange(B, device=x.device)[:, None, None],
-                           torch.arange(kv_heads, device=x.device)[None, :, None], slots[:, None, :])
-        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
-        mask.masked_fill_(~allowed, torch.finfo(x.dtype).min)
-        rotary = _parts(self.base).rotary(x, position_ids=position_ids)
-        return FeedPlan(positions, position_ids, rotary, mask, cache, write_index)
+    def feed_plan(self, x: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache]) -> FeedPlan:
+        """The once-per-forward :class:`FeedPlan` for embeddings x (B, T, d) at positions (B, T), with the
+        base's rotary ``(cos, sin)`` (in x's dtype) as its ``rope``. No host sync on an accelerator."""
+        check_positions(positions, self.max_seq_len, "the model's context")
+        plan = FeedPlan(positions, cache)
+        plan.rope = _parts(self.base).rotary(x, position_ids=plan.position_ids)
+        return plan
 
-    def stem_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: Optional[HFKVCache] = None):
+    def stem_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache] = None):
         """input_ids, positions (B, T) -> (h_stem (B, T, d), the :class:`FeedPlan` for :meth:`head_hidden`).
 
         With grad enabled and a frozen stem, ``h_stem`` is made a leaf that requires grad, so the
@@ -343,7 +278,7 @@ class HFMTP(nn.Module):
         if parts.emb_dropout is not None:
             x = parts.emb_dropout(x)
         plan = self.feed_plan(x, positions, cache)
-        cache_obj = plan.writer()
+        cache_obj = _writer(plan)
         for layer in parts.layers[:-1]:
             x = self._run_layer(layer, x, plan, cache_obj)
         if torch.is_grad_enabled() and not x.requires_grad:
@@ -351,10 +286,10 @@ class HFMTP(nn.Module):
         return x, plan
 
     def head_hidden(self, h_stem: torch.Tensor, plan: FeedPlan, positions: torch.Tensor, head: int,
-                    cache: Optional[HFKVCache] = None) -> torch.Tensor:
+                    cache: Optional[KVCache] = None) -> torch.Tensor:
         """Head ``head`` (0-based) on the stem output: (B, T, d) -> normed hidden (B, T, d).
         ``positions`` and ``cache`` are ignored: the plan of :meth:`stem_forward` already carries them."""
-        x = self._run_layer(self.head_layers[head], h_stem, plan, plan.writer())
+        x = self._run_layer(self.head_layers[head], h_stem, plan, _writer(plan))
         return self.head_norms[head](x)
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -436,7 +371,7 @@ class HFMTP(nn.Module):
         first = self._n_stem + 1  # cache index of head 2's layer
 
         def one_head(layer_p, norm_p, mask, keys, values):
-            kwargs = {**self._layer_kwargs(plan, plan.writer(keys, values)), "attention_mask": mask}
+            kwargs = {**self._layer_kwargs(plan, _writer(plan, keys, values)), "attention_mask": mask}
             out = functional_call(layer, layer_p, (h_stem,), kwargs)
             out = out[0] if isinstance(out, tuple) else out
             return functional_call(norm, norm_p, (pick(out),))
@@ -445,7 +380,8 @@ class HFMTP(nn.Module):
         kv = (None, None) if cache is None else (cache.k[first:first + n], cache.v[first:first + n])
         # the mask goes in batched (a stride-0 view): torch 2.11's CUDA sdpa batching rule folds the head axis
         # into the batch of q/k/v but not of an unbatched mask ("attn_bias: wrong shape (batch dimension)")
-        mask = plan.mask.expand(n, *plan.mask.shape)  # (n, B, 1, T, S)
+        mask = plan.additive_mask(plan.rope[0].dtype)
+        mask = mask.expand(n, *mask.shape)  # (n, B, 1, T, S)
         in_dims = (0, 0, 0, None, None) if cache is None else (0, 0, 0, 0, 0)
         with warnings.catch_warnings():
             # sdpa's CPU kernel has no vmap batching rule: vmap runs it once per head and says so; the rest batches
@@ -462,7 +398,7 @@ class HFMTP(nn.Module):
                              f"{tuple(positions.shape)}")
         return heads
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: Optional[HFKVCache] = None,
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache] = None,
                 heads: Optional[int] = None, logits_index: Optional[torch.Tensor] = None,
                 output_hidden: bool = False) -> torch.Tensor:
         """Run the model (protocol of ``models/tiny.py``).
@@ -471,7 +407,7 @@ class HFMTP(nn.Module):
         ----------
         input_ids : LongTensor, shape (B, T)
         positions : LongTensor, shape (B, T); position of each token in its row, -1 for padding.
-        cache : HFKVCache from :meth:`new_cache`, or None (a full causal forward over these tokens only).
+        cache : KVCache from :meth:`new_cache`, or None (a full causal forward over these tokens only).
         heads : int, 1..H (default H): compute heads 1..heads.
         logits_index : LongTensor (B, T') or None: compute outputs only at these indices into T.
         output_hidden : bool. True returns the heads' normed hidden states instead of logits, for
@@ -491,7 +427,7 @@ class HFMTP(nn.Module):
         else:
             def pick(x):  # (B, T, d) -> (B, T', d)
                 return x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
-        head1 = self.head_norms[0](pick(self._run_layer(self.head_layers[0], h_stem, plan, plan.writer())))
+        head1 = self.head_norms[0](pick(self._run_layer(self.head_layers[0], h_stem, plan, _writer(plan))))
         hiddens = [head1[:, :, None]]  # (B, T', 1, d)
         if heads > 1:
             if self.grouped_heads and heads > 2 and self._groupable and not (
@@ -500,12 +436,12 @@ class HFMTP(nn.Module):
                 hiddens.append(grouped.permute(1, 2, 0, 3))
             else:  # one by one: the default, a single extra head, or autograd through the heads' parameters
                 for h in range(1, heads):
-                    x = self._run_layer(self.head_layers[h], h_stem, plan, plan.writer())
+                    x = self._run_layer(self.head_layers[h], h_stem, plan, _writer(plan))
                     hiddens.append(self.head_norms[h](pick(x))[:, :, None])
         hidden = torch.cat(hiddens, dim=2)  # (B, T', heads, d)
         return hidden if output_hidden else self.head_logits(hidden)
 
-    def _reference_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: Optional[HFKVCache] = None,
+    def _reference_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache] = None,
                            heads: Optional[int] = None, logits_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The plain path :meth:`forward` is tested and benchmarked against: heads one after another, each
         unembedded by the LM head module on every row of ``logits_index``. Same arguments; returns logits."""
@@ -593,5 +529,5 @@ def load_heads(model: HFMTP, path: str, strict: bool = True) -> HFMTP:
     return model
 
 
-__all__ = ["HFKVCache", "HFMTP", "SUPPORTED_FAMILIES", "config_fingerprint", "heads_state_dict", "load_heads",
+__all__ = ["HFMTP", "SUPPORTED_FAMILIES", "config_fingerprint", "heads_state_dict", "load_heads",
            "save_heads"]

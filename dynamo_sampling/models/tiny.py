@@ -40,6 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cache import FeedPlan, KVCache, check_positions
+
 
 @dataclass
 class TinyMTPConfig:
@@ -78,28 +80,6 @@ class TinyMTPConfig:
         return cls(**d)
 
 
-class KVCache:
-    """Preallocated, position-addressed keys and values for ``n_attn_layers`` attention layers.
-
-    Shapes: ``k``/``v`` are ``(n_attn_layers, B, n_attn_heads, max_len + 1, head_dim)``. Slot ``p`` of
-    row ``b`` holds the token at position ``p``; the extra last slot is where padding tokens write (so
-    a feed never needs to find its real tokens with a host sync), and it is never read. ``lengths``
-    (B,) int64 is bookkeeping for the decoder (how many positions of each row are valid); the model
-    itself only reads positions.
-    """
-
-    def __init__(self, n_attn_layers, batch_size, n_attn_heads, max_len, head_dim, dtype, device):
-        shape = (n_attn_layers, batch_size, n_attn_heads, max_len + 1, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.max_len = max_len
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
-
-
 def rotary_tables(positions: torch.Tensor, head_dim: int, base: float):
     """cos/sin for rotary embeddings. positions (B, T) int64 -> two (B, 1, T, head_dim/2) float32."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
@@ -111,48 +91,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x (..., T, hd); cos/sin broadcast to (..., T, hd/2); rotate the two halves (GPT-NeoX convention)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
-class FeedPlan:
-    """What every attention layer of one forward shares, computed once per forward.
-
-    positions : (B, T) int64, -1 for padding.
-    rope : (cos, sin), each (B, 1, T, head_dim/2) float32.
-    mask : (B, 1, T, S) bool; query t may read key s. With a cache the keys are slots ``0..S-1``
-        (a query at position q reads slots ``<= q``); without one they are the fed tokens themselves.
-    write_index : (B, T) int64 or None; the cache slot of each fed token (padding -> the spare slot).
-    n_slots : S, the key slots read from the cache. On a CPU it is ``max(positions) + 1`` (reading a
-        CPU tensor is no device sync); on an accelerator it is the cache's whole length, so a step's
-        shapes never depend on data (what a CUDA graph needs).
-    """
-
-    def __init__(self, positions: torch.Tensor, head_dim: int, rope_base: float, cache: Optional[KVCache]):
-        B, T = positions.shape
-        self.positions = positions
-        self.rope = rotary_tables(positions, head_dim, rope_base)
-        valid = positions >= 0
-        q_pos = torch.where(valid, positions, 0)
-        if cache is None:
-            self.write_index, self.n_slots = None, T
-            key_pos = torch.where(valid, positions, torch.iinfo(torch.long).max)  # (B, T)
-            # padding queries attend anything: their output is discarded, and an all-masked row is NaN
-            self.mask = (key_pos[:, None, None, :] <= q_pos[:, None, :, None]) | ~valid[:, None, :, None]
-        else:
-            if positions.device.type == "cpu":
-                self.n_slots = max(int(positions.max()) + 1, 1)
-            else:
-                self.n_slots = cache.max_len
-            self.write_index = torch.where(valid, positions, cache.max_len)  # spare slot for padding
-            key_pos = torch.arange(self.n_slots, device=positions.device)
-            self.mask = key_pos[None, None, None, :] <= q_pos[:, None, :, None]  # (B, 1, T, S)
-        self._grouped = {}
-
-    def grouped(self, g: int):
-        """(mask (g*B, 1, T, S), write_index (g*B, T) or None) for g layers folded into the batch."""
-        if g not in self._grouped:
-            rep = lambda t: None if t is None else t.repeat(g, *([1] * (t.dim() - 1)))  # noqa: E731
-            self._grouped[g] = (rep(self.mask), rep(self.write_index))
-        return self._grouped[g]
 
 
 class Block(nn.Module):
@@ -261,18 +199,8 @@ def grouped_block(x: torch.Tensor, w: GroupWeights, plan: FeedPlan, cache: Optio
     q = apply_rotary(qkv[0], cos, sin).reshape(g * B, nh, T, hd)
     k = apply_rotary(qkv[1], cos, sin).reshape(g * B, nh, T, hd)
     v = qkv[2].reshape(g * B, nh, T, hd)
-    mask, write_index = plan.grouped(g)
-    if cache is None:
-        keys, values = k, v
-    else:
-        S1 = cache.max_len + 1
-        ck = cache.k[first_layer:first_layer + g].view(g * B, nh, S1, hd)
-        cv = cache.v[first_layer:first_layer + g].view(g * B, nh, S1, hd)
-        idx = write_index[:, None, :, None].expand(g * B, nh, T, hd)
-        ck.scatter_(2, idx, k.to(ck.dtype))
-        cv.scatter_(2, idx, v.to(cv.dtype))
-        keys, values = ck[:, :, :plan.n_slots].to(q.dtype), cv[:, :, :plan.n_slots].to(q.dtype)
-    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (g*B, nh, T, hd)
+    keys, values = (k, v) if cache is None else plan.write(*cache.group(first_layer, g), k, v)
+    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.grouped_mask(g))  # (g*B, nh, T, hd)
     attn = attn.view(g, B, nh, T, hd).permute(0, 1, 3, 2, 4).reshape(g, B * T, d)
     h = x.reshape(1, B * T, d) + torch.baddbmm(w.proj_b, attn, w.proj_w)  # (g, B*T, d)
     ff = F.gelu(torch.baddbmm(w.fc1_b, F.layer_norm(h, (d,), eps=cfg.norm_eps), w.fc1_w))
@@ -350,8 +278,7 @@ class TinyMTP(nn.Module):
     # ------------------------------------------------------------ fast path (inference)
 
     def _check_positions(self, positions):
-        if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= self.config.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} is beyond the model's context {self.config.max_seq_len}")
+        check_positions(positions, self.config.max_seq_len, "the model's context")
 
     def inference_weights(self):
         """Stacked, norm-folded weights for :func:`grouped_block`, rebuilt when any parameter changes
@@ -369,11 +296,16 @@ class TinyMTP(nn.Module):
             self._inference = (key, stem, heads, norm_w, norm_b)
         return self._inference[1:]
 
+    def _plan(self, positions, cache) -> FeedPlan:
+        plan = FeedPlan(positions, cache)
+        plan.rope = rotary_tables(plan.position_ids, self.config.head_dim, self.config.rope_base)
+        return plan
+
     def _fast_hidden(self, input_ids, positions, cache, heads):
         self._check_positions(positions)
         cfg = self.config
         weights = self.inference_weights()
-        plan = FeedPlan(positions, cfg.head_dim, cfg.rope_base, cache)
+        plan = self._plan(positions, cache)
         x = self.embed(input_ids)
         for i, w in enumerate(weights[0]):
             x = grouped_block(x, w, plan, cache, i, cfg)[0]
@@ -399,8 +331,7 @@ class TinyMTP(nn.Module):
             rope = rotary_tables(positions, self.config.head_dim, self.config.rope_base)
             return torch.stack([self.head_hidden(h_stem, rope, positions, h, cache) for h in range(1, H)], dim=2)
         self._check_positions(positions)
-        plan = FeedPlan(positions, self.config.head_dim, self.config.rope_base, cache)
-        return self._fast_heads(h_stem, plan, cache, 1, H)
+        return self._fast_heads(h_stem, self._plan(positions, cache), cache, 1, H)
 
     # ------------------------------------------------------------ checkpoints
 

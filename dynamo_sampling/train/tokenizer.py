@@ -118,8 +118,12 @@ def prepare_data(
     min_frequency: int = 2,
     val_fraction: float = corpus.DEFAULT_VAL_FRACTION,
     test_fraction: float = corpus.DEFAULT_TEST_FRACTION,
+    tokenizer=None,
 ) -> dict:
     """Train the tokenizer on the train split and write the tokenized splits.
+
+    ``tokenizer``: path of an existing ``tokenizer.json`` to encode with instead of training one
+    (e.g. the bundled model's, so a retrained model keeps its tokenizer and statistics).
 
     Writes ``out_dir/tokenizer.json``, ``out_dir/{train,val,test}.npy`` (uint16,
     documents separated by EOS id 0, empty files dropped) and
@@ -147,14 +151,18 @@ def prepare_data(
     if not splits["train"]:
         raise ValueError(f"no training files under {root_path}")
 
-    log(f"training byte-level BPE (vocab {vocab_size}) on the train split")
-    tok = train_tokenizer(
-        [t for _, t in splits["train"]],
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        show_progress=progress,
-    )
     tok_path = out_dir / "tokenizer.json"
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+        log(f"encoding with the existing tokenizer {tokenizer}")
+    else:
+        log(f"training byte-level BPE (vocab {vocab_size}) on the train split")
+        tok = train_tokenizer(
+            [t for _, t in splits["train"]],
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            show_progress=progress,
+        )
     tok.save(str(tok_path))
     tok_sha = file_sha256(tok_path)
     log(f"saved {tok_path} (vocab {tok.get_vocab_size()}, sha256 {tok_sha[:16]})")
@@ -228,6 +236,8 @@ def main(argv=None) -> int:
     p.add_argument("--root", default=None, help="source root (default: this Python's stdlib)")
     p.add_argument("--val-fraction", type=float, default=corpus.DEFAULT_VAL_FRACTION)
     p.add_argument("--test-fraction", type=float, default=corpus.DEFAULT_TEST_FRACTION)
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="encode with this tokenizer.json instead of training one")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     prepare_data(
@@ -238,6 +248,7 @@ def main(argv=None) -> int:
         min_frequency=a.min_frequency,
         val_fraction=a.val_fraction,
         test_fraction=a.test_fraction,
+        tokenizer=a.tokenizer,
     )
     return 0
 

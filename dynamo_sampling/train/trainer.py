@@ -9,6 +9,12 @@ The DynaMo recipe (Tuli et al. 2024, Sec. 3.1), with every number a field of :cl
   ``head_to_stem_grad_scale`` (10x lower than the stem's own).
 ``recipe="joint"`` trains all heads with one learning rate from the first step instead.
 
+``distill`` (either recipe) mixes self-distillation into heads 2..H: head h at position t predicts
+the token that head 1 predicts at position t + h - 1, so its loss becomes
+``(1 - distill) * CE(data) + distill * KL(head 1 there, detached || head h)``. Speculative decoding
+keeps a head's draft when it is what head 1 would say, so agreement with head 1, not only accuracy
+against the data, is what makes drafts pay.
+
 Gloeckle et al.'s memory trick: the stem runs once, its output is detached, each head runs
 forward + backward on its own (so only one head's ``(B, T, V)`` logits live at a time), the
 gradients accumulate on the detached stem output, and one backward through the stem follows.
@@ -44,6 +50,7 @@ class TrainConfig:
     warmup_steps: int = 100
     stem_lr_scale: float = 0.1  # phase 2: stem + head 1 learn this much slower than the new heads
     head_to_stem_grad_scale: float = 0.1  # phase 2: heads 2..H gradients into the stem
+    distill: float = 0.0  # weight of heads 2..H's KL toward head 1's own (detached) prediction, in [0, 1]
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     bf16: bool = False  # autocast; measured 100x SLOWER than fp32 on this AMD EPYC (no AMX): use on CUDA or AMX CPUs
@@ -56,14 +63,18 @@ class TrainConfig:
     time_budget_s: float = 0.0  # when set, the run (phases and LR schedule) ends after this many seconds
     # or `steps`, whichever comes first: the schedule follows the further of the two
     model: dict = field(default_factory=dict)  # TinyMTPConfig fields (vocab_size from the data)
+    init_from: str = ""  # a save_model directory to start from (its shape; `model` must be empty or agree)
 
 
-def head_losses(model: TinyMTP, x: torch.Tensor, heads: int, grad_scales=None, backward: bool = True):
+def head_losses(model: TinyMTP, x: torch.Tensor, heads: int, grad_scales=None, backward: bool = True,
+                distill: float = 0.0):
     """Per-head cross-entropy on a window batch, with Gloeckle's per-head backward.
 
     x : LongTensor (B, T + H); inputs are x[:, :T]; head h (1-based) at position t predicts x[t + h].
     grad_scales : per-head factor for the gradient sent into the stem (None: all 1).
-    Returns a list of ``heads`` float losses (Python floats).
+    distill : weight of the self-distillation term of heads 2..H (module docstring); it changes
+        what is backpropagated, not the returned losses.
+    Returns a list of ``heads`` float losses (Python floats): each head's cross-entropy on the data.
     """
     H = model.n_heads
     T = x.shape[1] - H
@@ -73,12 +84,24 @@ def head_losses(model: TinyMTP, x: torch.Tensor, heads: int, grad_scales=None, b
     h_detached = h_stem.detach().requires_grad_(backward)
     stem_grad = None
     losses = []
+    teacher = None  # head 1's detached probabilities (B, T, V), for distillation
     for h in range(heads):
         hidden = model.head_hidden(h_detached, rope, pos, h)
-        logits = model.unembed(hidden)  # (B, T, V)
+        logits = model.unembed(hidden).float()  # (B, T, V)
         target = x[:, h + 1:h + 1 + T]
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
-        losses.append(loss.item())
+        if not distill:
+            loss = ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+        else:
+            logp = torch.log_softmax(logits, dim=-1)
+            loss = ce = -logp.gather(-1, target[..., None]).mean()
+            if h == 0 and heads > 1:
+                teacher = logp.detach().exp()
+            elif 0 < h < T:
+                # head h+1 at t and head 1 at t + h predict the same token x[t + h + 1]; the cross-entropy
+                # toward head 1's distribution is the KL up to head 1's entropy, a constant here
+                soft = -(teacher[:, h:] * logp[:, :T - h]).sum(-1).mean()
+                loss = (1 - distill) * loss + distill * soft
+        losses.append(ce.item())
         if backward:
             (loss / heads).backward()
             g = h_detached.grad
@@ -184,6 +207,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
     if cfg.recipe not in ("dynamo", "joint"):
         raise ValueError(f"recipe must be 'dynamo' or 'joint', got {cfg.recipe!r}")
+    if not 0.0 <= cfg.distill <= 1.0:
+        raise ValueError(f"distill must be in [0, 1], got {cfg.distill}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -191,7 +216,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     train_data = np.load(Path(cfg.data_dir, "train.npy"), mmap_mode="r")
     val_data = np.load(Path(cfg.data_dir, "val.npy"), mmap_mode="r")
     mcfg = TinyMTPConfig.from_dict({**cfg.model, "vocab_size": meta["vocab_size"]})
+    init = None
+    if cfg.init_from:
+        init = load_model(cfg.init_from)
+        clash = {k: v for k, v in {**cfg.model, "vocab_size": meta["vocab_size"]}.items()
+                 if getattr(init.config, k) != v}
+        if clash:
+            raise ValueError(f"init_from {cfg.init_from} has {init.config}, which disagrees with {clash}")
+        mcfg = init.config
     model = TinyMTP(mcfg).to(cfg.device).train()
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     H = mcfg.n_heads
     split = cfg.pretrain_fraction if cfg.recipe == "dynamo" else 0.0  # share of the run in phase 1
     step, history, phase_start, elapsed0 = 0, [], 0, 0.0
@@ -225,7 +260,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             scales = [1.0] + [cfg.head_to_stem_grad_scale] * (H - 1)
         x = _batch(train_data, cfg.batch_size, width, rng, cfg.device)
         with torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            losses = head_losses(model, x, heads, scales)
+            losses = head_losses(model, x, heads, scales, distill=cfg.distill)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -240,12 +275,19 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         if step % cfg.eval_every == 0 or last:
             record["val"] = evaluate(model, val_data, cfg, heads)
             bar.write(f"step {step} phase {phase} val " + " ".join(f"h{i + 1}={l:.3f}" for i, l in enumerate(record["val"])))
+            # the best model so far by the mean val loss of all heads: OUT_DIR/best (a long run may overfit)
+            earlier = [float(np.mean(r["val"])) for r in history if len(r.get("val", ())) == H]
+            if heads == H and float(np.mean(record["val"])) < min(earlier, default=float("inf")):
+                save_model(model, str(Path(cfg.out_dir, "best")))
+                record["best"] = True
         history.append(record)
         if step % cfg.checkpoint_every == 0 or last:
             _save_checkpoint(model, opt, step, cfg, history, phase, phase_start)
     bar.close()
     save_model(model, str(Path(cfg.out_dir, "final")))
     summary = {"steps": step, "tokens": step * cfg.batch_size * cfg.seq_len, "seconds": time.time() - t0,
-               "final_val": history[-1].get("val") if history else None, "config": asdict(cfg)}
+               "final_val": history[-1].get("val") if history else None,
+               "best": next(({"step": r["step"], "val": r["val"]} for r in reversed(history) if r.get("best")), None),
+               "config": asdict(cfg)}
     Path(cfg.out_dir, "summary.json").write_text(json.dumps(summary, indent=2))
     return {"model": model, "history": history, **summary}
