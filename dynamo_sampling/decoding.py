@@ -104,9 +104,10 @@ class _Decoder:
         self.dynamo, self.draft, self.lookup, self.stats = dynamo, draft, lookup, stats
         if backend == "cuda":
             from .kernels import cuda_dynamo_step as step_policy
-        else:  # sample() checked the inputs once: no per-step boundary check (and its host sync)
-            step_policy = functools.partial(dynamo_step, validate=False)
-        self.step_policy = step_policy
+        else:
+            step_policy = dynamo_step
+        # sample() checked the inputs once: no per-step boundary check (and, on the torch path, its host sync)
+        self.step_policy = functools.partial(step_policy, validate=False)
         B, S = input_ids.shape
         self.B, self.dev, self.H, self.V = B, input_ids.device, model.n_heads, model.vocab_size
         self.heads = self.H if strategy in ("dynamo", "speculative") else 1

@@ -434,7 +434,7 @@ _WARNED = set()
 
 def _dynamo_step_impl(head_logits: torch.Tensor, cfg: DynamoConfig, launcher, *, stats=None, do_sample=False,
                       temperature=1.0, top_k=None, generator=None, seen_tokens=None, first_tokens=None,
-                      max_tokens=None, _out=None) -> StepOutput:
+                      max_tokens=None, validate=True, _out=None) -> StepOutput:
     """:func:`cuda_dynamo_step` with an explicit launcher (tests run it on a CPU emulation)."""
     reason = _unsupported(head_logits, cfg, stats, do_sample, top_k, first_tokens)
     if reason is not None:
@@ -444,12 +444,12 @@ def _dynamo_step_impl(head_logits: torch.Tensor, cfg: DynamoConfig, launcher, *,
                           stacklevel=3)
         return policy.dynamo_step(head_logits, cfg, stats=stats, do_sample=do_sample, temperature=temperature,
                                   top_k=top_k, generator=generator, seen_tokens=seen_tokens,
-                                  first_tokens=first_tokens, max_tokens=max_tokens)
+                                  first_tokens=first_tokens, max_tokens=max_tokens, validate=validate)
     B, H, V = head_logits.shape
     dev = head_logits.device
     k = min(cfg.k, V)
     use_stats = stats is not None and cfg.alpha_c > 0
-    if use_stats:
+    if use_stats and validate:
         check_stats(stats, V, H)
     list_sampler = do_sample and first_tokens is None and top_k is not None and top_k < V
     gumbel = do_sample and first_tokens is None and not list_sampler
@@ -528,7 +528,7 @@ def cuda_dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats=None
                      temperature: float = 1.0, top_k: Optional[int] = None,
                      generator: Optional[torch.Generator] = None, seen_tokens: Optional[torch.Tensor] = None,
                      first_tokens: Optional[torch.Tensor] = None,
-                     max_tokens: Optional[torch.Tensor] = None) -> StepOutput:
+                     max_tokens: Optional[torch.Tensor] = None, validate: bool = True) -> StepOutput:
     """:func:`dynamo_sampling.policy.dynamo_step` with the fused CUDA kernels.
 
     Same arguments, same :class:`~dynamo_sampling.policy.StepOutput`; ``head_logits`` must be a
@@ -538,7 +538,8 @@ def cuda_dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats=None
     (csrc/NOTES.md): ties in the top-k lists go to the lower token id; NaN logits count as ``-inf``
     (the reference gives NaN probabilities, and ``sample`` rejects NaN logits before any step);
     float32 subnormals are flushed to zero; statistics must satisfy
-    :func:`~dynamo_sampling.weights.check_stats` (same vocabulary, ``max_order >= H``).
+    :func:`~dynamo_sampling.weights.check_stats` (same vocabulary, ``max_order >= H``; checked unless
+    ``validate=False``, as the decoding loop passes after ``sample`` checked them once).
     Configurations outside the kernels' limits (k > 64, H > 4, top_k > 64 for the n = 1 sampler, more
     than 4096 Otsu bins, statistics that are not a ``CooccurrenceTables``, other dtypes) run the torch reference, with a
     one-time ``RuntimeWarning``.
@@ -546,4 +547,5 @@ def cuda_dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats=None
     _require_cuda(head_logits, "cuda_dynamo_step")
     return _dynamo_step_impl(head_logits, cfg, _CupyLauncher(head_logits.device), stats=stats,
                              do_sample=do_sample, temperature=temperature, top_k=top_k, generator=generator,
-                             seen_tokens=seen_tokens, first_tokens=first_tokens, max_tokens=max_tokens)
+                             seen_tokens=seen_tokens, first_tokens=first_tokens, max_tokens=max_tokens,
+                             validate=validate)

@@ -20,7 +20,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -81,21 +80,29 @@ def tokens_per_step(model, prompts, max_new: int) -> float:
     return new / max(steps, 1)
 
 
-def score(name: str, args, val_tokens, prompts) -> dict:
+def score(name: str, args, val_tokens, prompts, model_dir: str = None) -> dict:
+    """One row: a variant's run (``runs/NAME/final``), or any saved model (``model_dir``)."""
     from dynamo_sampling.drafting import measure_step_cost
     from dynamo_sampling.models.tiny import load_model
     from dynamo_sampling.pretrained import auto_dtype
 
-    run = Path(args.runs, name)
-    summary = json.loads((run / "summary.json").read_text())
-    model = load_model(str(run / "final")).eval()
+    if model_dir is None:
+        summary = json.loads((Path(args.runs, name) / "summary.json").read_text())
+        model_dir = str(Path(args.runs, name, "final"))
+        train_fields, shape = VARIANTS[name]
+        run = f"{args.minutes:g} min, {len(args.variants)} at once"
+    else:
+        record = Path(model_dir, "recorded.json")  # a bundled model records its training
+        summary = json.loads(record.read_text()).get("training", {}) if record.is_file() else {}
+        train_fields, shape, run = {"model_dir": model_dir}, {}, "saved model"
+    model = load_model(model_dir).eval()
     ppl = perplexities(model, val_tokens, seq_len=256, batch_size=8, max_windows=args.windows)
     dtype = auto_dtype(torch.device("cpu"))
     fast = model.to(dtype)
     cost = measure_step_cost(fast, 1, model.n_heads)
-    return {"name": name, "train": VARIANTS[name][0], "shape": VARIANTS[name][1],
+    return {"name": name, "run": run, "train": train_fields, "shape": shape,
             "params": sum(p.numel() for p in model.parameters()),
-            "steps": summary["steps"], "tokens": summary["tokens"], "seconds": summary["seconds"],
+            "steps": summary.get("steps", 0), "tokens": summary.get("tokens", 0), "seconds": summary.get("seconds", 0),
             "ppl": ppl["ppl"], "top1_acc": ppl["top1_acc"], "agree": ppl["agree"],
             "spec_tokens_per_step": tokens_per_step(fast, prompts, args.max_new_tokens),
             "step_cost_dtype": str(dtype).replace("torch.", ""),
@@ -105,11 +112,11 @@ def score(name: str, args, val_tokens, prompts) -> dict:
 
 def write_table(rows, path: Path, header: str):
     lines = [header, "",
-             "| variant | params | tokens seen | PPL_1 | PPL_2 | PPL_3 | agree 2 | agree 3 | spec tok/step "
+             "| variant | run | params | tokens seen | PPL_1 | PPL_2 | PPL_3 | agree 2 | agree 3 | spec tok/step "
              "| 1-head step ms | 3 heads, 1 tok | 3 heads, 3 tok |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f} M | {r['tokens'] / 1e6:.2f} M | {r['ppl'][0]:.1f} | "
+        lines.append(f"| {r['name']} | {r['run']} | {r['params'] / 1e6:.2f} M | {r['tokens'] / 1e6:.2f} M | {r['ppl'][0]:.1f} | "
                      f"{r['ppl'][1]:.1f} | {r['ppl'][2]:.1f} | {r['agree'][1]:.3f} | {r['agree'][2]:.3f} | "
                      f"{r['spec_tokens_per_step']:.2f} | {r['step_ms_1head']:.2f} | {r['cost_3head_1tok']:.2f}x | "
                      f"{r['cost_3head_3tok']:.2f}x |")
@@ -119,8 +126,10 @@ def write_table(rows, path: Path, header: str):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python evals/train_compare.py", description=__doc__.split("\n")[0])
-    p.add_argument("--variants", nargs="+", default=["dynamo", "joint", "joint_distill", "dynamo_distill"],
+    p.add_argument("--variants", nargs="*", default=["dynamo", "joint", "joint_distill", "dynamo_distill"],
                    choices=sorted(VARIANTS))
+    p.add_argument("--score", nargs="*", default=[], metavar="NAME=DIR",
+                   help="also score these saved models (no training), e.g. bundled=dynamo_sampling/pretrained")
     p.add_argument("--minutes", type=float, default=10.0, help="wall time of every run")
     p.add_argument("--data-dir", default="runs/data")
     p.add_argument("--runs", default="runs/compare")
@@ -131,8 +140,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="evals/results")
     args = p.parse_args(argv)
     Path(args.runs).mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    if not args.eval_only:
+    if not args.eval_only and args.variants:
         procs = {n: launch(n, args) for n in args.variants}
         for n, proc in procs.items():
             if proc.wait():
@@ -144,6 +152,7 @@ def main(argv=None) -> int:
     val_tokens = np.load(Path(args.data_dir, "val.npy"))
     prompts = select_prompts(load_sources(None, "val"), tok, args.prompts, 128, seed=0)
     rows = [score(n, args, val_tokens, prompts) for n in args.variants]
+    rows += [score(n, args, val_tokens, prompts, d) for n, d in (x.split("=", 1) for x in args.score)]
     info = machine_info()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,9 +163,10 @@ def main(argv=None) -> int:
     (out / "train_compare.json").write_text(json.dumps({"machine": info, "minutes": args.minutes,
                                                         "concurrent": args.variants, "rows": rows_all}, indent=2))
     write_table(rows_all, out / "train_compare.md",
-                f"Short runs of {args.minutes:g} min wall each, variants trained concurrently, one torch thread "
-                f"each, fp32; scored on the stdlib val split ({machine_line(info)}; {time.time() - t0:.0f} s). "
-                f"`python evals/train_compare.py --minutes {args.minutes:g} --variants {' '.join(args.variants)}`")
+                f"Variants trained concurrently for equal wall time, one torch thread each, fp32; all scored "
+                f"on the stdlib val split ({machine_line(info)}). Rows from "
+                f"`python evals/train_compare.py --minutes M --variants ...` (and `--score NAME=DIR` for "
+                f"saved models, trained elsewhere)")
     return 0
 
 

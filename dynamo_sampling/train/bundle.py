@@ -30,10 +30,15 @@ def bundle(model_dir: str, tokenizer: str, out: Path = PRETRAINED_DIR, train_sum
     new = sample(model, ids, strategy="ar", max_new_tokens=32)[0, ids.shape[1]:].tolist()
     record = {"prompt": RECORD_PROMPT, "strategy": "ar", "max_new_tokens": 32, "new_token_ids": new,
               "completion": tok.decode(new), "recorded_on": platform.platform(), "torch": torch.__version__}
+    previous = out / "recorded.json"  # read before it is replaced: a run that continued it keeps its lineage
+    previous = json.loads(previous.read_text()).get("training") if previous.is_file() else None
     if train_summary and Path(train_summary).is_file():
         s = json.loads(Path(train_summary).read_text())
-        record["training"] = {k: s[k] for k in ("steps", "tokens", "seconds", "final_val") if k in s}
+        record["training"] = {k: s[k] for k in ("steps", "tokens", "seconds", "final_val", "best") if k in s}
         record["training"]["config"] = s.get("config")
+        init = (s.get("config") or {}).get("init_from")
+        if init and previous and Path(init).resolve() == out.resolve():
+            record["training"]["init_from_training"] = previous
     (out / "recorded.json").write_text(json.dumps(record, indent=2))
     return record
 
