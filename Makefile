@@ -16,8 +16,9 @@ $(STAMP): setup.py pyproject.toml
 
 install: $(STAMP)
 
+# one pytest worker per core (pytest-xdist): the tests are independent, and each runs torch on one thread
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto tests
 
 demo: $(STAMP)
 	$(BIN)/python -m dynamo_sampling.demo

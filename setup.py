@@ -37,7 +37,7 @@ setup(
     extras_require={
         "cuda": ["cupy-cuda13x"],  # the CUDA 13 wheel; CUDA 12 users install cupy-cuda12x themselves
         "hf": ["transformers>=4.48"],
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.6"],
+        "dev": ["pytest>=7", "pytest-xdist>=3", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.6"],
     },
     entry_points={"console_scripts": ["dynamo-sampling=dynamo_sampling.cli:main"]},
 )
