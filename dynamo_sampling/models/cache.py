@@ -102,12 +102,12 @@ class FeedPlan:
             self._memo[key] = make()
         return self._memo[key]
 
-    def additive_mask(self, dtype: torch.dtype, g: int = 1) -> torch.Tensor:
-        """The mask as an additive bias (0 where allowed, the dtype's minimum elsewhere), (g*B, 1, T, S)."""
+    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as an additive bias (0 where allowed, the dtype's minimum elsewhere), (B, 1, T, S)."""
         def make():
             m = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
-            return m.masked_fill_(~self.mask, torch.finfo(dtype).min).repeat(g, 1, 1, 1)
-        return self._cached(("additive", dtype, g), make)
+            return m.masked_fill_(~self.mask, torch.finfo(dtype).min)
+        return self._cached(("additive", dtype), make)
 
     def grouped_mask(self, g: int) -> torch.Tensor:
         """The bool mask for g layers folded into the batch: (g*B, 1, T, S)."""
