@@ -14,12 +14,14 @@ Three parts, in this order and in one process (each variant warmed up first):
    prefill, a forward with ``heads=1, T=1`` (an ``ar`` step) against ``heads=H, T=1..H`` with
    every position's logits (the tokens a multi-token step feeds; speculative verification reads
    them all) and ``heads=H, T=H`` with only the last position's logits (a ``dynamo`` step);
-   ``ratio`` is each over the ``ar`` step. Rounds are interleaved (every shape once per round).
+   ``ratio`` is each over the ``ar`` step. Rounds are interleaved (every shape once per round). On
+   CUDA each shape is also replayed from a captured CUDA graph (``graph_ms``: the launch cost gone).
 2. ``decode``: the bundled model (``load_pretrained``, with its co-occurrence statistics) on real
    prompts (``--prompt-len``-token windows of the standard library's test split, bundled
    tokenizer), every strategy of ``decoding.STRATEGIES`` x B in ``--batch-sizes`` x greedy /
    sampled (temperature 0.7, top_k 50: ``sample``'s defaults) x backend (on CUDA ``"cuda"``, the
-   fused kernels, and ``"torch"``; on a CPU ``"torch"``), exactly ``--max-new-tokens`` new
+   fused kernels, ``"torch"``, and ``"cuda+graph"``: the fused kernels with each step's forward
+   replayed from a CUDA graph, ``sample(cuda_graph=True)``; on a CPU ``"torch"``), exactly ``--max-new-tokens`` new
    tokens per row (no EOS). Reported: tokens per step (mean over rows), ms per step (wall time
    / steps of the slowest row), tokens/s over the batch, speculative acceptance, and the speed-up
    in tokens/s over ``ar`` with the same B, mode and backend.
@@ -53,6 +55,7 @@ if str(ROOT) not in sys.path:
 
 from dynamo_sampling import TinyMTP, TinyMTPConfig, kernels, load_pretrained, sample  # noqa: E402
 from dynamo_sampling.decoding import STRATEGIES  # noqa: E402
+from dynamo_sampling.graphs import cuda_capture  # noqa: E402
 
 #: The cost-side model: about 1.0 B parameters (18 decoder layers of d = 2048 and a 50304-token
 #: unembedding), random weights. Speed only: its heads are near uniform.
@@ -161,19 +164,39 @@ def forward_cost(model, name: str, B: int, prefix: int, repeats: int, device: to
                       model(feed, feed_pos, cache, heads=heads, logits_index=index))
     timed = timed_interleaved(fns, device, repeats)
     base = timed[shapes[0][0]][0]
-    return [{"model": name, "B": B, "prefix": prefix, "shape": label, "heads": heads, "T": T,
-             "last_logits_only": last_only, "ms": timed[label][0], "min_ms": timed[label][1],
-             "ratio_to_ar_step": timed[label][0] / base} for label, heads, T, last_only in shapes]
+    graphed = {}
+    if device.type == "cuda":  # the same forwards replayed from CUDA graphs: the launch cost gone
+        try:
+            replays = {label: cuda_capture(fn, device)[0] for label, fn in fns.items()}
+            graphed = timed_interleaved(replays, device, repeats)
+        except Exception as e:  # recorded per row; the eager numbers stand
+            graphed = {label: (None, f"{type(e).__name__}: {e}") for label in fns}
+    rows = []
+    for label, heads, T, last_only in shapes:
+        row = {"model": name, "B": B, "prefix": prefix, "shape": label, "heads": heads, "T": T,
+               "last_logits_only": last_only, "ms": timed[label][0], "min_ms": timed[label][1],
+               "ratio_to_ar_step": timed[label][0] / base, "graph_ms": None, "graph_ratio_to_ar_step": None}
+        g = graphed.get(label)
+        if g is not None and g[0] is not None:
+            row["graph_ms"] = g[0]
+            row["graph_ratio_to_ar_step"] = g[0] / graphed[shapes[0][0]][0]
+        elif g is not None:
+            row["graph_error"] = g[1]
+        rows.append(row)
+    return rows
 
 
 def decode_run(model, ids, *, strategy, do_sample, backend, stats, max_new_tokens, repeats, device, **overrides):
-    """One decode variant: a row of part 2 or 3 (without the speed-up, filled in later)."""
+    """One decode variant: a row of part 2 or 3 (without the speed-up, filled in later). ``backend``
+    ``"cuda+graph"``: the fused kernels with the steps' forwards replayed from CUDA graphs."""
     mask = torch.ones_like(ids)
+    graph = backend.endswith("+graph")
 
     def run():
         gen = torch.Generator(device=device).manual_seed(0)
         return sample(model, ids, mask, strategy=strategy, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                      return_dict_in_generate=True, stats=stats, backend=backend, generator=gen, **overrides)
+                      return_dict_in_generate=True, stats=stats, backend=backend.split("+")[0],
+                      cuda_graph=graph, generator=gen, **overrides)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -212,7 +235,10 @@ def markdown(result: dict) -> str:
     if result["forward_cost"]:
         out += ["### Forward cost (ms; ratio to the ar step)", "",
                 "| model | B | shape | ms | ratio |", "| --- | ---: | --- | ---: | ---: |"]
-        out += [f"| {r['model']} | {r['B']} | {r['shape']} | {r['ms']:.3f} | {r['ratio_to_ar_step']:.2f} |"
+        out[-2:] = ["| model | B | shape | ms | ratio | graph ms | graph ratio |",
+                    "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+        out += [f"| {r['model']} | {r['B']} | {r['shape']} | {r['ms']:.3f} | {r['ratio_to_ar_step']:.2f} | "
+                f"{_fmt(r.get('graph_ms'), '.3f')} | {_fmt(r.get('graph_ratio_to_ar_step'), '.2f')} |"
                 for r in result["forward_cost"]]
         out.append("")
     for part, title in (("decode", "Decoding, bundled model"), ("decode_1b", "Decoding, 1B-shaped random model")):
@@ -281,6 +307,8 @@ def main(argv=None) -> int:
         return 2
     fused = device.type == "cuda" and kernels.cuda_available()
     backends = ("cuda", "torch") if fused else ("torch",)
+    if device.type == "cuda":  # the steps' forwards replayed from CUDA graphs
+        backends += ("cuda+graph",) if fused else ("torch+graph",)
     big_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     slug = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).lower().replace(" ", "_")
     out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"decode_{slug}.json"
@@ -370,7 +398,7 @@ def main(argv=None) -> int:
         n_new = max(2, args.max_new_tokens // 2)
         for B in args.batch_sizes:
             for strategy, overrides in (("ar", {}), ("dynamo", {"eps_b": 0.0, "alpha_c": 0.0})):
-                for backend in (backends if strategy != "ar" else backends[:1]):
+                for backend in (backends if strategy != "ar" else dict.fromkeys((backends[0], backends[-1]))):
                     where = f"decode_1b {strategy} B={B} {backend}"
                     row = attempt(where, lambda: decode_run(
                         big, ids_all[:B], strategy=strategy, do_sample=False, backend=backend, stats=None,
@@ -379,8 +407,10 @@ def main(argv=None) -> int:
                         result["decode_1b"].append(row)
                         print(f"{where}: {row['tokens_per_step']:.2f} tokens/step, {row['ms_per_step']:.2f} ms/step",
                               flush=True)
-        for r in result["decode_1b"]:  # ar ran with one backend: compare every backend with it
-            base = next((a for a in result["decode_1b"] if a["strategy"] == "ar" and a["B"] == r["B"]), None)
+        for r in result["decode_1b"]:  # ar ran eager and graphed: compare every backend with its kind
+            kind = r["backend"].endswith("+graph")
+            base = next((a for a in result["decode_1b"] if a["strategy"] == "ar" and a["B"] == r["B"]
+                         and a["backend"].endswith("+graph") == kind), None)
             r["speedup_vs_ar"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
 
     result["total_s"] = time.perf_counter() - t_start

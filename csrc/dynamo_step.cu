@@ -1,14 +1,16 @@
 // The DynaMo step on per-head top-k lists, one block per row (grid-stride over rows).
-// Mirrors dynamo_sampling/policy.py::dynamo_step (the dense candidate reference) step by step;
-// see csrc/NOTES.md for the correspondence and the tolerance rules.
+// Mirrors dynamo_sampling/policy.py::dynamo_step (the dense candidate reference) step by step, on a
+// compacted list of the candidate cells instead of all k**n cells; see csrc/NOTES.md for the
+// correspondence and the tolerance rules.
 //
 // Inputs per row b (lists come from topk_softmax, KL >= k entries per head, the first k are used
 // for the joint): probs (B, H, KL) float32 under the full softmax, ids (B, H, KL) int64, vals
 // (B, H, KL) float32 scaled logits (only head 1's, only for the n = 1 list sampler).
 //
-// Scratch per block (float32, `scratch_per_block` elements, sized by kernels.py):
-//   [J: k**H] [blurred J: k**H, only with the blur]
-// J holds the candidate cells' values (>= 0) and -1 for cells that are not candidates.
+// Scratch per block (4-byte words, `scratch_per_block` of them, sized by kernels.py), room for every
+// cell of order H: [cells: int32 k**H] [J: float32 k**H] [blurred J: float32 k**H, only with the blur].
+// The list holds the cells whose unweighted product passes the static threshold, ascending; J is
+// the candidate's value (>= 0), or -1 once the statistics or the adaptive threshold dropped it.
 //
 // Outputs (every element written): tokens (B, H) int64, -1 after n; n_out (B,) int64;
 // draft (B, H, k) float32 or nullptr.
@@ -68,17 +70,109 @@ __device__ __forceinline__ void decode_cell(i64 c, int n, int k, int* d) {
   }
 }
 
-// policy.otsu_threshold from the histogram (float64, the same arithmetic in the same order).
-__device__ float otsu_from_hist(const u32* hist, int bins, float lo, float hi, float width) {
-  double total = 0.0, mtotal = 0.0;
-  for (int t = 0; t < bins; ++t) {
-    const double c = static_cast<double>(hist[t]);
-    total += c;
-    mtotal += c * (static_cast<double>(t) + 0.5);
+// Exclusive prefix sum over the block in thread order, and the block's total (every thread must
+// call it). Within a warp a butterfly of xor shuffles: at distance o, a lane in the upper half of
+// its 2o-group adds the lower half's sum. Exact for integers, and for the Otsu sums below.
+template <typename T>
+__device__ T block_exclusive_scan(T v, T* total) {
+  __shared__ T s_w[kMaxWarps];
+  const int lane = threadIdx.x & (kWarp - 1), warp = threadIdx.x / kWarp;
+  const int nwarps = blockDim.x / kWarp;
+  T pre = 0, tot = v;
+  for (int o = 1; o < kWarp; o <<= 1) {
+    const T other = __shfl_xor_sync(kFullMask, tot, o);
+    if (lane & o) pre += other;
+    tot += other;
   }
-  double w0 = 0.0, m0 = 0.0, best = neg_inf_d();
-  int tbest = 0;
-  for (int t = 0; t < bins; ++t) {
+  if (lane == 0) s_w[warp] = tot;
+  __syncthreads();
+  T base = 0, all = 0;
+  for (int w = 0; w < nwarps; ++w) {
+    if (w < warp) base += s_w[w];
+    all += s_w[w];
+  }
+  __syncthreads();
+  *total = all;
+  return base + pre;
+}
+
+// First position in the ascending array a[0..n) whose value is >= key.
+__device__ __forceinline__ int lower_bound_int(const int* a, int n, i64 key) {
+  int lo = 0, hi = n;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (a[mid] < key) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// Cells of order n whose product of the heads' probabilities exceeds tau, from this thread's
+// contiguous range [u_lo, u_hi) of units (a unit is the first n - 1 digits; its cells are the last
+// head's entries), in row-major cell order. Returns how many; with `cells` non-null also writes the
+// cells and their products ((p0 * p1) * p2 in float32, the reference's order). The lists are sorted
+// descending and float32 rounding is monotone, so the loop over the last digit stops at the first
+// failure, and a prefix whose product with the best remaining entries is <= tau skips every unit
+// under it. In speculative mode (first_idx >= 0) only units with d0 == first_idx count.
+__device__ int enumerate_cells(const float* s_p, int k, int n, float tau, int first_idx, i64 u_lo, i64 u_hi,
+                               int* cells, float* prods) {
+  int count = 0;
+  i64 u = u_lo;
+  while (u < u_hi) {
+    int d[kMaxH];
+    decode_cell(u, n - 1, k, d);
+    i64 block = ipow(k, n - 2);  // units under the prefix d[0..j]
+    float v = 0.0f;
+    bool skip = false;
+    for (int j = 0; j < n - 1 && !skip; ++j) {
+      v = j == 0 ? s_p[d[0]] : __fmul_rn(v, s_p[j * k + d[j]]);
+      float bound = v;  // the prefix times the best entry of every later head
+      for (int h = j + 1; h < n; ++h) bound = __fmul_rn(bound, s_p[h * k]);
+      if (!(bound > tau) || (j == 0 && first_idx >= 0 && d[0] != first_idx)) {
+        u = (u / block + 1) * block;
+        skip = true;
+      }
+      block /= k;
+    }
+    if (skip) continue;
+    const float* last = s_p + (n - 1) * k;
+    for (int dl = 0; dl < k; ++dl) {
+      const float x = __fmul_rn(v, last[dl]);
+      if (!(x > tau)) break;
+      if (cells != nullptr) {
+        cells[count] = static_cast<int>(u * k + dl);
+        prods[count] = x;
+      }
+      ++count;
+    }
+    ++u;
+  }
+  return count;
+}
+
+// policy.otsu_threshold from the histogram, in parallel: each thread takes a contiguous range of
+// bins; the cumulative weights and moments are sums of integers and half-integers below 2^53, so
+// exact in any order, and the between-class variance of every bin is the reference's float64
+// value. The first maximum wins (block_best: larger value, then lower bin).
+__device__ float otsu_from_hist(const u32* hist, int bins, float lo, float hi, float width) {
+  const int per = (bins + blockDim.x - 1) / blockDim.x;
+  const int t0 = imin(bins, threadIdx.x * per), t1 = imin(bins, t0 + per);
+  double cw = 0.0, cm = 0.0;
+  for (int t = t0; t < t1; ++t) {
+    const double c = static_cast<double>(hist[t]);
+    cw += c;
+    cm += c * (static_cast<double>(t) + 0.5);
+  }
+  double total, mtotal;
+  double w0 = block_exclusive_scan(cw, &total);
+  double m0 = block_exclusive_scan(cm, &mtotal);
+  Best<double> best;
+  best.v = neg_inf_d();
+  best.i = kNoIndex;
+  for (int t = t0; t < t1; ++t) {
     const double c = static_cast<double>(hist[t]);
     w0 += c;
     m0 += c * (static_cast<double>(t) + 0.5);
@@ -88,13 +182,14 @@ __device__ float otsu_from_hist(const u32* hist, int bins, float lo, float hi, f
       const double dd = m0 / w0 - (mtotal - m0) / w1;
       between = w0 * w1 * (dd * dd);
     }
-    if (between > best) {
-      best = between;
-      tbest = t;
+    if (between > best.v) {
+      best.v = between;
+      best.i = t;
     }
   }
-  if (best <= 0.0 || !(hi > lo)) return lo;
-  return lo + (static_cast<float>(tbest + 1) * width) / static_cast<float>(bins);
+  best = block_best(best);
+  if (best.v <= 0.0 || !(hi > lo)) return lo;
+  return lo + (static_cast<float>(best.i + 1) * width) / static_cast<float>(bins);
 }
 
 }  // namespace dyn
@@ -124,7 +219,6 @@ extern "C" __global__ void dynamo_step_kernel(
   __shared__ u32 s_hist[kMaxBins];
   __shared__ float s_wt[kMaxOffsets];
   __shared__ float s_mass[kMaxK];
-  __shared__ float s_thr;
 
   StatsView st;
   st.keys[0] = st.keys[1] = nullptr;
@@ -150,8 +244,10 @@ extern "C" __global__ void dynamo_step_kernel(
 
   const int tid = threadIdx.x, nt = blockDim.x;
   const i64 kH = ipow(k, H);
-  float* const Jb = scratch + static_cast<i64>(blockIdx.x) * scratch_per_block;
-  float* const Sb = Jb + kH;  // blurred J (only with the blur)
+  // the row's candidate list: cells ascending, their J (-1: not a candidate), blurred scores
+  int* const Cc = reinterpret_cast<int*>(scratch + static_cast<i64>(blockIdx.x) * scratch_per_block);
+  float* const Cj = reinterpret_cast<float*>(Cc + kH);
+  float* const Cs = Cj + kH;  // only with the blur
   u64 seed = 0, offset = 0;
   if (do_sample) load_seed(seed_ptr, seed_arg, offset_arg, &seed, &offset);
 
@@ -186,33 +282,40 @@ extern "C" __global__ void dynamo_step_kernel(
     }
 
     for (int n = top; n >= 2 && undecided; --n) {
-      const i64 cells = ipow(k, n), sub = cells / k;
+      const i64 cells = ipow(k, n), units = cells / k;
       const float tau = n == 2 ? tau2 : (n == 3 ? tau3 : tau4);
 
-      // candidates: J = prod_h p_h > tau_n (first token restricted), then weighted, unseen dropped
+      // 1. candidates, compacted in cell order: J = prod_h p_h > tau_n (first token restricted), counted
+      //    per thread over a contiguous range of units, offsets by a block scan, then written
+      const i64 per = (units + nt - 1) / nt;
+      const i64 u_lo = tid * per < units ? tid * per : units;
+      const i64 u_hi = u_lo + per < units ? u_lo + per : units;
+      int M;
+      const int at = block_exclusive_scan(enumerate_cells(s_p, k, n, tau, first_idx, u_lo, u_hi, nullptr, nullptr),
+                                          &M);
+      enumerate_cells(s_p, k, n, tau, first_idx, u_lo, u_hi, Cc + at, Cj + at);
+      __syncthreads();
+      //    then weighted by the statistics; unseen n-grams drop out
       int any = 0;
-      for (i64 c = tid; c < cells; c += nt) {
-        int d[kMaxH];
-        decode_cell(c, n, k, d);
-        float v = s_p[d[0]];
-        for (int h = 1; h < n; ++h) v = __fmul_rn(v, s_p[h * k + d[h]]);
-        bool cand = v > tau && (first_idx < 0 || c / sub == first_idx);
-        if (cand && use_stats) {
+      for (int m = tid; m < M; m += nt) {
+        bool cand = true;
+        if (use_stats) {
+          int d[kMaxH];
+          decode_cell(Cc[m], n, k, d);
           i64 x[kMaxH];
           for (int h = 0; h < n; ++h) x[h] = s_id[h * k + d[h]];
           const float w = ngram_weight(st, n, x);
           cand = w > 0.0f;
-          v = __fmul_rn(v, w);
+          Cj[m] = cand ? __fmul_rn(Cj[m], w) : kNotCand;
         }
-        Jb[c] = cand ? v : kNotCand;
         any |= cand ? 1 : 0;
       }
       any = block_or(any);
       if (!any) continue;  // back off to n - 1
 
-      // adaptive threshold: blur over the candidates (others count 0), Otsu, keep score >= thr
+      // 2. adaptive threshold: blur over the candidates (others count 0), Otsu, keep score >= thr
       if (adaptive) {
-        const float* score = Jb;
+        const float* score = Cj;
         if (blur) {
           int n_off = 1;
           for (int h = 0; h < n; ++h) n_off *= 3;
@@ -228,10 +331,11 @@ extern "C" __global__ void dynamo_step_kernel(
             s_wt[o] = static_cast<float>(w);
           }
           __syncthreads();
-          for (i64 c = tid; c < cells; c += nt) {
-            if (!(Jb[c] >= 0.0f)) continue;
+          const bool dense = M == cells;  // every cell listed: a cell's position is the cell
+          for (int m = tid; m < M; m += nt) {
+            if (!(Cj[m] >= 0.0f)) continue;
             int d[kMaxH];
-            decode_cell(c, n, k, d);
+            decode_cell(Cc[m], n, k, d);
             float acc = 0.0f;
             for (int o = 0; o < n_off; ++o) {  // itertools.product((-1, 0, 1), repeat=n) order
               int rem = o;
@@ -247,19 +351,22 @@ extern "C" __global__ void dynamo_step_kernel(
                 inside = inside && e >= 0 && e < k;
                 nb = nb * k + e;
               }
-              if (inside) {
-                const float jn = Jb[nb];
+              if (!inside) continue;
+              const int pos = dense ? static_cast<int>(nb) : lower_bound_int(Cc, M, nb);
+              if (pos < M && Cc[pos] == nb) {
+                const float jn = Cj[pos];
                 if (jn >= 0.0f) acc = __fadd_rn(acc, __fmul_rn(jn, s_wt[o]));
               }
             }
-            Sb[c] = acc;
+            Cs[m] = acc;
           }
-          score = Sb;
+          __syncthreads();
+          score = Cs;
         }
         float lo = pos_inf_f(), hi = neg_inf_f();
-        for (i64 c = tid; c < cells; c += nt) {
-          if (Jb[c] >= 0.0f) {
-            const float v = score[c];
+        for (int m = tid; m < M; m += nt) {
+          if (Cj[m] >= 0.0f) {
+            const float v = score[m];
             lo = v < lo ? v : lo;
             hi = v > hi ? v : hi;
           }
@@ -269,46 +376,45 @@ extern "C" __global__ void dynamo_step_kernel(
         const float width = fmaxf(hi - lo, 1e-30f);
         for (int t = tid; t < bins; t += nt) s_hist[t] = 0u;
         __syncthreads();
-        for (i64 c = tid; c < cells; c += nt) {
-          if (Jb[c] >= 0.0f) {
-            i64 bin = static_cast<i64>(((score[c] - lo) / width) * static_cast<float>(bins));
+        for (int m = tid; m < M; m += nt) {
+          if (Cj[m] >= 0.0f) {
+            i64 bin = static_cast<i64>(((score[m] - lo) / width) * static_cast<float>(bins));
             bin = bin < 0 ? 0 : (bin > bins - 1 ? bins - 1 : bin);
             atomicAdd(&s_hist[bin], 1u);
           }
         }
         __syncthreads();
-        if (tid == 0) s_thr = otsu_from_hist(s_hist, bins, lo, hi, width);
-        __syncthreads();
-        const float thr = s_thr;
-        for (i64 c = tid; c < cells; c += nt) {
-          if (Jb[c] >= 0.0f && !(score[c] >= thr)) Jb[c] = kNotCand;
+        const float thr = otsu_from_hist(s_hist, bins, lo, hi, width);
+        for (int m = tid; m < M; m += nt) {
+          if (Cj[m] >= 0.0f && !(score[m] >= thr)) Cj[m] = kNotCand;
         }
         // the candidate with the largest score always remains: no need to re-check `any`
       }
 
-      // repetition penalty (head by head), then the choice among the candidates
+      // 3. repetition penalty (head by head), then the choice among the candidates
       Best<double> bb;
       bb.v = neg_inf_d();
       bb.i = kNoIndex;
-      for (i64 c = tid; c < cells; c += nt) {
-        float v = Jb[c];
+      for (int m = tid; m < M; m += nt) {
+        float v = Cj[m];
         if (!(v >= 0.0f)) continue;
+        const int c = Cc[m];
         if (use_penalty) {
           int d[kMaxH];
           decode_cell(c, n, k, d);
           for (int h = 0; h < n; ++h) v = __fmul_rn(v, s_pen[h * k + d[h]]);
-          Jb[c] = v;
+          Cj[m] = v;
         }
         const double sc = do_sample ? static_cast<double>(v) / exp1(seed, offset, static_cast<u32>(c),
                                                                      static_cast<u32>(b),
                                                                      kTagJoint + static_cast<u32>(n))
                                     : static_cast<double>(v);
-        if (better(sc, static_cast<int>(c), bb.v, bb.i)) {
+        if (better(sc, c, bb.v, bb.i)) {
           bb.v = sc;
-          bb.i = static_cast<int>(c);
+          bb.i = c;
         }
       }
-      const int cell = block_best(bb).i;
+      const int cell = block_best(bb).i;  // its barriers also publish the penalised Cj
 
       int d[kMaxH];
       decode_cell(cell, n, k, d);
@@ -317,7 +423,8 @@ extern "C" __global__ void dynamo_step_kernel(
         n_out[b] = n;
       }
       if (draft_out != nullptr) {
-        // q(x_j | x_1..x_{j-1}) along the chosen cell over the candidates (policy._fill_draft)
+        // q(x_j | x_1..x_{j-1}) along the chosen cell over the candidates (policy._fill_draft): the cells
+        // under the chosen prefix with d_j = i are one contiguous run of the list, summed in cell order
         float* dr = draft_out + static_cast<i64>(b) * H * k;
         for (int t = tid; t < H * k; t += nt) {
           const int h = t / k;
@@ -327,11 +434,13 @@ extern "C" __global__ void dynamo_step_kernel(
         for (int j = 1; j < n; ++j) {
           prefix = prefix * k + d[j - 1];
           const i64 inner = ipow(k, n - j - 1);
-          const float* G = Jb + prefix * ipow(k, n - j);
+          const i64 base = prefix * ipow(k, n - j);
           for (int i = tid; i < k; i += nt) {
+            const int r0 = lower_bound_int(Cc, M, base + i * inner);
+            const int r1 = lower_bound_int(Cc, M, base + (i + 1) * inner);
             double sm = 0.0;
-            for (i64 r = 0; r < inner; ++r) {
-              const float v = G[i * inner + r];
+            for (int r = r0; r < r1; ++r) {
+              const float v = Cj[r];
               if (v >= 0.0f) sm += static_cast<double>(v);
             }
             s_mass[i] = static_cast<float>(sm);

@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 
 from .drafting import STEP_COST, DraftConfig, Evidence, size_drafts, step_cost_tables
+from .graphs import GraphedForward
 from .lookup import LookupConfig, NgramIndex
 from .policy import DynamoConfig, dynamo_step
 from .samplers import SamplingParams
@@ -99,7 +100,8 @@ class _Decoder:
     """The loop's state and its four stages (see the module docstring)."""
 
     def __init__(self, model, input_ids, mask, *, strategy, max_new_tokens, sampling: SamplingParams, eos_token_id,
-                 pad_token_id, dynamo: DynamoConfig, draft: DraftConfig, lookup: LookupConfig, stats, backend):
+                 pad_token_id, dynamo: DynamoConfig, draft: DraftConfig, lookup: LookupConfig, stats, backend,
+                 graph_capture=None):
         self.model, self.strategy, self.sp = model, strategy, sampling
         self.dynamo, self.draft, self.lookup, self.stats = dynamo, draft, lookup, stats
         if backend == "cuda":
@@ -124,6 +126,9 @@ class _Decoder:
         hidden = model(input_ids, positions, self.cache, heads=self.heads,
                        logits_index=torch.full((B, 1), S - 1, dtype=torch.long, device=self.dev), output_hidden=True)
         self.last_logits = model.head_logits(hidden[:, 0])  # (B, heads, V)
+        # the steps' forwards: eager, or replayed from one captured graph per shape (graphs.GraphedForward)
+        self.forward = (GraphedForward(model, self.cache, graph_capture) if graph_capture is not None else
+                        lambda ids, pos, **kw: model(ids, pos, self.cache, **kw))
         self.cache.lengths = prompt_len.clone()
         W, dev = self.W, self.dev
         self.out = torch.full((B, max_new_tokens + W), pad_token_id, dtype=torch.long, device=dev)  # + spare columns
@@ -350,8 +355,8 @@ class _Decoder:
         ids = torch.where(fed, prop.tokens[:, :T], 0)
         pos = torch.where(fed, self.cache.lengths[:, None] + self.ar_w[None, :T], -1)
         if not self.lazy:
-            return self.model(ids, pos, self.cache, heads=self.step_heads, output_hidden=True)
-        hidden, h_stem = self.model(ids, pos, self.cache, heads=self.step_heads, output_hidden=True, output_stem=True)
+            return self.forward(ids, pos, heads=self.step_heads, output_hidden=True)
+        hidden, h_stem = self.forward(ids, pos, heads=self.step_heads, output_hidden=True, output_stem=True)
         if self.stem_buf is None:
             self.stem_buf = h_stem.new_zeros(self.B, self.cache.max_len + 1, h_stem.shape[-1])
         slot = torch.where(fed, pos, self.cache.max_len)  # padding -> the spare slot
@@ -479,12 +484,15 @@ class _Decoder:
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, strategy: str, max_new_tokens: int,
              sampling: SamplingParams, eos_token_id: Optional[list], pad_token_id: int, streamer,
              dynamo: DynamoConfig, stats, draft: Optional[DraftConfig] = None, lookup: Optional[LookupConfig] = None,
-             backend: str = "torch") -> GenerationOutput:
-    """The loop. Inputs are already validated by ``sample``; shapes as there."""
+             backend: str = "torch", graph_capture=None) -> GenerationOutput:
+    """The loop. Inputs are already validated by ``sample``; shapes as there. ``graph_capture``
+    (:func:`graphs.cuda_capture`, or :func:`graphs.eager_capture` in tests) replays the steps' forwards
+    from captured graphs."""
     t0 = time.perf_counter()
     dec = _Decoder(model, input_ids, attention_mask.bool(), strategy=strategy, max_new_tokens=max_new_tokens,
                    sampling=sampling, eos_token_id=eos_token_id, pad_token_id=pad_token_id, dynamo=dynamo,
-                   draft=draft or DraftConfig(), lookup=lookup or LookupConfig(), stats=stats, backend=backend)
+                   draft=draft or DraftConfig(), lookup=lookup or LookupConfig(), stats=stats, backend=backend,
+                   graph_capture=graph_capture)
     if bool(torch.isnan(dec.last_logits).any()):
         raise ValueError("the model returned NaN logits (step 0); expected finite values")
     step = 0

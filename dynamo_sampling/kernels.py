@@ -70,10 +70,10 @@ TOPK_THREADS = 256
 STEP_THREADS = 256
 MIN_CHUNK = 2048  # smallest vocabulary slice worth a block of its own
 MAX_SPLITS = 128  # most vocabulary slices per row (the merge block has one thread per slice)
-# The step kernel's scratch (J, and its blurred copy) is per block, and blocks stride over the rows,
-# so the grid is capped twice: by what can be resident (more blocks only queue: 2048 threads per SM
-# are 8 blocks of 256) and by a byte budget (H=3, k=50 with the blur: 1 MB a block, 256 blocks;
-# H=4, k=50: 50 MB a block, 5 blocks). The buffer comes from torch's caching allocator, which hands
+# The step kernel's scratch (the candidate list: cells, J and its blurred copy, room for all k**H
+# cells) is per block, and blocks stride over the rows, so the grid is capped twice: by what can be
+# resident (more blocks only queue: 2048 threads per SM are 8 blocks of 256) and by a byte budget
+# (H=3, k=50 with the blur: 1.5 MB a block, 170 blocks; H=4, k=50: 75 MB a block, 3 blocks). The buffer comes from torch's caching allocator, which hands
 # the same memory back on the next call.
 STEP_BLOCKS_PER_SM = 8
 SCRATCH_BUDGET = 256 << 20  # bytes
@@ -501,8 +501,8 @@ def _dynamo_step_impl(head_logits: torch.Tensor, cfg: DynamoConfig, launcher, *,
     side = math.exp(-1.0 / (2 * cfg.blur_sigma * cfg.blur_sigma)) if blur else 0.0
     tap_side, tap_center = side / (1 + 2 * side), 1.0 / (1 + 2 * side)
 
-    # scratch: J (+ its blurred copy) per block; blocks loop over rows beyond the cap
-    per_block = (2 if blur else 1) * k ** H
+    # scratch: the candidate list (cells, J, + the blurred J) per block; blocks loop over rows beyond the cap
+    per_block = (3 if blur else 2) * k ** H
     blocks = _step_blocks(B, per_block, launcher.num_sms)
     scratch = torch.empty((blocks * per_block,), dtype=torch.float32, device=dev)
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .decoding import STRATEGIES, DraftConfig, GenerationOutput, generate
+from .graphs import cuda_capture
 from .kernels import resolve_backend
 from .lookup import LookupConfig
 from .policy import DynamoConfig
@@ -27,7 +28,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
            generator: Optional[torch.Generator] = None, streamer=None,
            return_dict_in_generate: bool = False, stats=None, dynamo: Optional[DynamoConfig] = None,
            draft: Optional[DraftConfig] = None, lookup: Optional[LookupConfig] = None,
-           backend: str = "auto", **overrides) -> Union[torch.Tensor, GenerationOutput]:
+           backend: str = "auto", cuda_graph: bool = False, **overrides) -> Union[torch.Tensor, GenerationOutput]:
     """Generate with an MTP model, several tokens per forward pass.
 
     Parameters
@@ -64,6 +65,10 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
         fields of whichever of the three has that name.
     backend : ``"auto"`` (fused CUDA kernels for CUDA tensors when CuPy is importable, else the
         torch reference), ``"torch"`` or ``"cuda"``; the step policy's implementation.
+    cuda_graph : bool; replay each step's model forward from a captured CUDA graph (one capture per
+        feed shape; the loop's feed width is fixed on a GPU, so one or two). Needs a model on a CUDA
+        device whose forward has no host sync (``model.supports_cuda_graph``, e.g. :class:`TinyMTP`).
+        Same tokens as without; a small model's step stops being bound by kernel launches.
 
     Returns
     -------
@@ -145,6 +150,13 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
         raise TypeError(f"stats must be co-occurrence statistics (an object with {', '.join(_STATS_INTERFACE)}, "
                         f"e.g. CooccurrenceStats.load(path)) or None, got {_show(stats)}{hint}")
     backend = resolve_backend(backend, input_ids)
+    if not isinstance(cuda_graph, (bool, np.bool_)):
+        raise TypeError(f"cuda_graph must be a bool, got {_show(cuda_graph)}")
+    if cuda_graph and input_ids.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model and input_ids on a CUDA device, got {input_ids.device}")
+    if cuda_graph and not getattr(model, "supports_cuda_graph", False):
+        raise ValueError(f"cuda_graph=True needs a model whose forward can be captured "
+                         f"(supports_cuda_graph = True), got {type(model).__name__}")
     given = {"dynamo": dynamo, "draft": draft, "lookup": lookup}
     configs = {}
     for name, cls in _CONFIGS.items():
@@ -167,7 +179,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
     sampling = SamplingParams(do_sample=bool(do_sample), temperature=temperature, top_k=top_k, generator=generator)
     out = generate(model, input_ids, mask, strategy=strategy, max_new_tokens=max_new_tokens, sampling=sampling,
                    eos_token_id=eos_token_id, pad_token_id=pad_token_id, streamer=streamer, dynamo=dynamo,
-                   draft=configs["draft"], lookup=configs["lookup"], stats=stats, backend=backend)
+                   draft=configs["draft"], lookup=configs["lookup"], stats=stats, backend=backend,
+                   graph_capture=cuda_capture if cuda_graph else None)
     if not bool(mask.all()):  # the prompt as given, padded positions included
         out = dataclasses.replace(out, sequences=torch.cat([given_ids.long(), out.sequences[:, S:]], dim=1))
     return out if return_dict_in_generate else out.sequences

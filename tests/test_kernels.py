@@ -778,7 +778,7 @@ def test_emu_step_blocks_loop_over_several_rows(emu, monkeypatch, limit, reverse
     stats, toks, succ = _stats(V, H)
     x = _step_logits(B, H, V, seed=33, corpus=(toks, succ))
     cfg = DynamoConfig(k=k, eps_b=0.02)
-    per_block = 2 * k ** H  # with the blur
+    per_block = 3 * k ** H  # cells, J and the blurred J
     if limit == "budget":
         monkeypatch.setattr(kernels, "SCRATCH_BUDGET", 4 * per_block * 3)  # 3 blocks: 4, 4 and 3 rows
         L, want = EmuLauncher(emu, num_sms=132, reverse=reverse), 3
@@ -805,14 +805,15 @@ def test_step_grid_bounds_the_scratch():
     SCRATCH_BUDGET bytes (1 GiB at B >= 1074 for H = 3, k = 50 before)."""
     assert kernels.SCRATCH_BUDGET <= 256 << 20
     for H, k, blur in [(3, 50, True), (3, 50, False), (4, 50, True), (4, 64, True), (3, 8, True), (2, 64, False)]:
-        per_block = (2 if blur else 1) * k ** H
+        per_block = (3 if blur else 2) * k ** H
         for B in (1, 7, 256, 1074, 4096, 10 ** 6):
             for sms in (1, 4, 132):
                 blocks = kernels._step_blocks(B, per_block, sms)
                 assert 1 <= blocks <= min(B, 65535)
                 assert blocks <= kernels.STEP_BLOCKS_PER_SM * sms
                 assert blocks * per_block * 4 <= kernels.SCRATCH_BUDGET
-    assert kernels._step_blocks(256, 2 * 50 ** 3, 132) == 256  # H = 3, k = 50: a block per row up to 256
+    assert kernels._step_blocks(256, 3 * 50 ** 3, 132) == 178  # H = 3, k = 50: 1.5 MB a block
+    assert kernels._step_blocks(64, 3 * 50 ** 3, 132) == 64  # a block per row up to 178
     assert kernels._step_blocks(10 ** 6, 2 * 8 ** 3, 132) == 8 * 132  # small scratch: the residency cap
 
 
@@ -853,6 +854,9 @@ EMU_STEP = [  # B, H, V, k, cfg kwargs, stats, seen, first, max_tokens, threads,
     (4, 2, 150, 50, {"eps_b": 0.001}, True, False, True, False, 64, False),
     (3, 1, 100, 8, {}, False, False, False, False, 32, False),
     (3, 3, 100, 1, {"eps_b": 0.5}, True, False, True, False, 32, False),
+    # every cell a candidate (the blur reads positions directly), and H = 4 with many candidates
+    (4, 3, 300, 8, {"eps_b": 0.0}, True, True, False, False, 64, True),
+    (4, 4, 200, 6, {"eps_b": 0.002}, True, False, True, True, 32, True),
 ]
 
 
@@ -1008,6 +1012,8 @@ GPU_STEP = [  # B, H, V, k, dtype, temperature (sampling only), cfg kwargs, stat
     (64, 4, 151936, 8, torch.float32, {}, False),
     (1, 4, 8192, 50, torch.bfloat16, {"eps_b": 0.2}, False),
     (64, 3, 8192, 50, torch.float32, {"eps_b": 0.0, "adaptive_threshold": False}, True),
+    (8, 3, 8192, 20, torch.bfloat16, {"eps_b": 0.0}, True),  # every cell listed, with the blur
+    (2, 4, 8192, 50, torch.float32, {"eps_b": 0.01}, True),  # H = 4, k = 50: the sparse list
 ]
 
 

@@ -210,6 +210,10 @@ def grouped_block(x: torch.Tensor, w: GroupWeights, plan: FeedPlan, cache: Optio
 class TinyMTP(nn.Module):
     """Reference MTP model. See the module docstring for the layout and the protocol."""
 
+    #: inference forwards have no host sync and, at a fixed feed width, fixed shapes: the decoding
+    #: loop may replay them from a CUDA graph (``sample(..., cuda_graph=True)``)
+    supports_cuda_graph = True
+
     def __init__(self, cfg: TinyMTPConfig):
         super().__init__()
         self.config = cfg
