@@ -62,8 +62,9 @@ __device__ float ngram_weight(const StatsView& st, int m, const i64* x) {
   return static_cast<float>(w);
 }
 
-// Digits of a flat cell, d[0] most significant (row-major cells, as policy.dense_candidates).
-__device__ __forceinline__ void decode_cell(i64 c, int n, int k, int* d) {
+// Digits of a flat cell, d[0] most significant (row-major cells, as policy.dense_candidates). Cells
+// fit in 32 bits (k**H <= 2**24, kernels.MAX_CELLS): 32-bit division is several times cheaper.
+__device__ __forceinline__ void decode_cell(int c, int n, int k, int* d) {
   for (int j = n - 1; j >= 0; --j) {
     d[j] = static_cast<int>(c % k);
     c /= k;
@@ -117,14 +118,14 @@ __device__ __forceinline__ int lower_bound_int(const int* a, int n, i64 key) {
 // descending and float32 rounding is monotone, so the loop over the last digit stops at the first
 // failure, and a prefix whose product with the best remaining entries is <= tau skips every unit
 // under it. In speculative mode (first_idx >= 0) only units with d0 == first_idx count.
-__device__ int enumerate_cells(const float* s_p, int k, int n, float tau, int first_idx, i64 u_lo, i64 u_hi,
+__device__ int enumerate_cells(const float* s_p, int k, int n, float tau, int first_idx, int u_lo, int u_hi,
                                int* cells, float* prods) {
   int count = 0;
-  i64 u = u_lo;
+  int u = u_lo;
   while (u < u_hi) {
     int d[kMaxH];
     decode_cell(u, n - 1, k, d);
-    i64 block = ipow(k, n - 2);  // units under the prefix d[0..j]
+    int block = static_cast<int>(ipow(k, n - 2));  // units under the prefix d[0..j]
     float v = 0.0f;
     bool skip = false;
     for (int j = 0; j < n - 1 && !skip; ++j) {
@@ -143,7 +144,7 @@ __device__ int enumerate_cells(const float* s_p, int k, int n, float tau, int fi
       const float x = __fmul_rn(v, last[dl]);
       if (!(x > tau)) break;
       if (cells != nullptr) {
-        cells[count] = static_cast<int>(u * k + dl);
+        cells[count] = u * k + dl;
         prods[count] = x;
       }
       ++count;
@@ -287,9 +288,8 @@ extern "C" __global__ void dynamo_step_kernel(
 
       // 1. candidates, compacted in cell order: J = prod_h p_h > tau_n (first token restricted), counted
       //    per thread over a contiguous range of units, offsets by a block scan, then written
-      const i64 per = (units + nt - 1) / nt;
-      const i64 u_lo = tid * per < units ? tid * per : units;
-      const i64 u_hi = u_lo + per < units ? u_lo + per : units;
+      const int n_units = static_cast<int>(units), per = (n_units + nt - 1) / nt;
+      const int u_lo = imin(tid * per, n_units), u_hi = imin(u_lo + per, n_units);
       int M;
       const int at = block_exclusive_scan(enumerate_cells(s_p, k, n, tau, first_idx, u_lo, u_hi, nullptr, nullptr),
                                           &M);
