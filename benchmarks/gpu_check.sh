@@ -150,7 +150,7 @@ if ((GPU)); then
         tests -k "gpu or cuda or nvrtc"
     run_stage "bench_kernels.py" 110 "$BENCHLOG" \
         "$PY" benchmarks/bench_kernels.py --repeats 30 --out "$OUT/bench_kernels.json"
-    run_stage "bench_decode.py" 150 "$BENCHLOG" \
+    run_stage "bench_decode.py" 200 "$BENCHLOG" \
         "$PY" benchmarks/bench_decode.py "${DECODE_ARGS[@]}" --out "$OUT/bench_decode.json"
 else
     for s in "GPU tests" "bench_kernels.py" "bench_decode.py"; do

@@ -66,10 +66,21 @@ NVRTC_OPTIONS = ("-std=c++17", "--fmad=false")
 CUPY_APPENDED_OPTIONS = ("-ftz=true",)
 SOURCES = ("topk_softmax.cu", "dynamo_step.cu")
 
-TOPK_THREADS = 256
+# Top-k pass (csrc/NOTES.md "topk_softmax"): besides reading the logits, its cost is the insertions
+# into each warp's sorted list (after sorting its first 64 elements, about k * ln(n / 64) for n
+# elements in random order), one after another, so the block size trades latency for work. A grid
+# that leaves SMs idle (B = 1) is latency-bound: 8 warps a block, fewer elements each. A grid with
+# more blocks than SMs is throughput-bound: 4 warps a block fill fewer lists (B = 256, H = 3,
+# V = 50304: about 60% of the insertions of 8 warps), each warp still with 2 tiles of 16-byte loads
+# in flight.
+TOPK_THREADS = 256  # a block of the top-k pass when blocks <= SMs
+TOPK_THREADS_BUSY = 128  # when there are more blocks than SMs
 STEP_THREADS = 256
-MIN_CHUNK = 2048  # smallest vocabulary slice worth a block of its own
-MAX_SPLITS = 128  # most vocabulary slices per row (the merge block has one thread per slice)
+# smallest vocabulary slice worth a block of its own: one tile of 16-byte loads (256 bf16) for each warp
+MIN_CHUNK = 2048
+# most vocabulary slices per row: the merge block holds every slice's list in shared memory
+# (csrc/topk_softmax.cu kMaxLists; 32 lists of 64 entries and 16 more to merge in pairs: 24 KB)
+MAX_SPLITS = 32
 # The step kernel's scratch (the candidate list: cells, J and its blurred copy, room for all k**H
 # cells) is per block, and blocks stride over the rows, so the grid is capped twice: by what can be
 # resident (more blocks only queue: 2048 threads per SM are 8 blocks of 256) and by a byte budget
@@ -304,7 +315,7 @@ def _topk_lists(logits: torch.Tensor, k: int, temperature: float, launcher, *, w
     if R == 0:
         return probs, ids, vals, sample
     S, chunk = _num_splits(R, V, launcher.num_sms)
-    threads = min(TOPK_THREADS, launcher.max_threads)
+    threads = min(TOPK_THREADS if R * S <= launcher.num_sms else TOPK_THREADS_BUSY, launcher.max_threads)
     seed_t, seed_arg, offset_arg = seeds
     parts = [None] * 6
     if S > 1:
@@ -319,7 +330,7 @@ def _topk_lists(logits: torch.Tensor, k: int, temperature: float, launcher, *, w
         _ptr(part_val), _ptr(part_idx), _ptr(part_max), _ptr(part_sum), _ptr(part_gscore), _ptr(part_gidx),
         *finals])
     if S > 1:
-        mthreads = 32 * (-(-S // 32))
+        mthreads = min(32 * S, launcher.max_threads)  # >= S (one thread per slice); <= 2 entries a thread
         launcher.launch("topk_softmax.cu", "topk_softmax_merge", (R, 1, 1), (mthreads, 1, 1), [
             np.int32(H), np.int32(S), np.int32(k), np.int32(int(gumbel)),
             _ptr(part_val), _ptr(part_idx), _ptr(part_max), _ptr(part_sum), _ptr(part_gscore), _ptr(part_gidx),

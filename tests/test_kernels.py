@@ -575,6 +575,7 @@ def emu(tmp_path_factory):
         pytest.skip("no C++ compiler for the host emulation of the kernels")
     so = tmp_path_factory.mktemp("emu") / "kernel_emu.so"
     cmd = [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror",
+           "-Wno-unknown-pragmas",  # nvcc's #pragma unroll
            f"-I{CSRC}", "-o", str(so), str(EMU_DIR / "emu_driver.cpp")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
@@ -648,6 +649,118 @@ def test_emu_topk_ties_and_neg_inf(emu):
         assert ids[2, 0].tolist() == list(range(k)) and probs[2, 0].eq(0).all()  # documented: torch gives NaN
         assert ids[3, 0, :4].tolist() == [5, 40, 200, 201]
         assert ids[4, 0].tolist() == [3, 7, 11, 15, 19, 23, 27, 31]
+
+
+def _assert_topk_exact(probs, ids, vals, x, k, temperature):
+    """The kernels' answer exactly: a stable descending sort of x / temperature (NaN read as -inf), so
+    ties in ascending index, then the softmax tolerances of _assert_topk_matches."""
+    xs = (x.float() / temperature).nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    ref = xs.sort(dim=-1, descending=True, stable=True)
+    assert torch.equal(ids, ref.indices[..., :k])
+    assert torch.equal(vals, ref.values[..., :k])
+    _assert_topk_matches(probs, ids, xs, k, 1.0)
+
+
+def _adversarial_rows(V: int, seed: int) -> torch.Tensor:
+    """(6, V) rows against the per-warp lists: ascending (every element beats the list's k-th and is
+    inserted), descending (nothing after the first 64 of a warp), 7 distinct values (ties at the
+    threshold everywhere, broken by index), all equal, random, and NaN / -inf with 5 finite values
+    (fewer than k: the lowest-index -inf tokens fill the list)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.empty(6, V)
+    rows[0] = torch.arange(V, dtype=torch.float32) / 8
+    rows[1] = -torch.arange(V, dtype=torch.float32) / 8
+    rows[2] = (torch.arange(V) % 7).float()
+    rows[3] = 0.5
+    rows[4] = torch.randn(V, generator=g) * 3
+    rows[5] = float("-inf")
+    rows[5, 1::3] = float("nan")
+    rows[5, torch.randperm(V, generator=g)[:5]] = torch.randn(5, generator=g)
+    return rows
+
+
+_F32, _BF16, _F16 = (torch.float32, 1500, None), (torch.bfloat16, 2000, 150), (torch.float16, 700, 40)
+EMU_TOPK_BLOCKS = [  # threads, fiber order reversed, k, (dtype, V, MIN_CHUNK or None: no splits)
+    (32, False, 1, _F32), (32, True, 64, _BF16), (64, True, 64, _F32), (96, True, 33, _F32),
+    (96, False, 64, _F16), (256, False, 64, _F32), (256, True, 1, _BF16), (256, False, 33, _F16),
+    (1024, True, 64, _BF16), (1024, False, 33, _F32), (1024, True, 1, _F16),
+]
+
+
+@pytest.mark.parametrize("threads,reverse,k,data", EMU_TOPK_BLOCKS)
+def test_emu_topk_adversarial_orders_and_block_sizes(emu, monkeypatch, threads, reverse, k, data):
+    """Blocks of 1..32 warps (an odd count: a list without a partner in the merge), rows whose order makes
+    every element an insertion or puts ties at the threshold, k from 1 to 64, with and without
+    vocabulary splits (slices of 154 and 42 tokens: warps that see fewer than k elements, or none, and
+    partial lists shorter than k), rows that start off 16-byte alignment, both fiber orders."""
+    dtype, V, min_chunk = data
+    monkeypatch.setattr(kernels, "TOPK_THREADS", 1024)
+    monkeypatch.setattr(kernels, "TOPK_THREADS_BUSY", 1024)
+    sms = 1
+    if min_chunk is not None:
+        monkeypatch.setattr(kernels, "MIN_CHUNK", min_chunk)
+        sms = 64
+    base = torch.empty(2, 3, V + 5, dtype=dtype)  # row stride V + 5: a different alignment per row
+    x = base[..., 3:3 + V]
+    x.copy_(_adversarial_rows(V, seed=k).view(2, 3, V))
+    L = EmuLauncher(emu, threads=threads, num_sms=sms, reverse=reverse)
+    out = _poison_outputs(2, 3, k, k, "cpu", vals=True, sample=True)
+    probs, ids, vals, sample = kernels._topk_lists(x, k, 0.75, L, want_vals=True, gumbel=True, seeds=(None, 3, 4),
+                                                   out=(out["probs"], out["ids"], out["vals"], out["sample"]))
+    del out["tokens"], out["n"]
+    _assert_no_poison(out)
+    _assert_topk_exact(probs, ids, vals, x, k, 0.75)
+    assert bool(((sample >= 0) & (sample < V)).all())
+    S = kernels._num_splits(6, V, sms)[0]
+    assert L.calls[0][1:] == ((6, S, 1), (threads, 1, 1))
+    if min_chunk is not None:
+        assert S > 1 and L.calls[1][2] == (min(32 * S, threads), 1, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_emu_topk_stride_zero_and_every_alignment(emu, dtype):
+    """The same row at every element offset from a 16-byte boundary (the 16-byte loads start at the
+    first aligned element; the elements before and after are read one by one), broadcast over B and H
+    with stride 0."""
+    V, k = 1000, 20
+    row = torch.randn(V + 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+    for off in range(16 // dtype.itemsize):
+        x = row[off:off + V].expand(2, 3, V)
+        assert x.stride()[:2] == (0, 0)
+        for sms in (1, 3):  # without and with splits (3 rows, 3 SMs: 2 slices)
+            probs, ids, vals, _ = kernels._topk_lists(x, k, 1.0, EmuLauncher(emu, threads=64, num_sms=sms),
+                                                      want_vals=True)
+            _assert_topk_exact(probs, ids, vals, x, k, 1.0)
+
+
+class _RecordingLauncher:
+    """Records the launches without running them (an H100's SM count)."""
+
+    max_threads = 1024
+
+    def __init__(self, num_sms=132):
+        self.num_sms, self.calls = num_sms, []
+
+    def launch(self, source, name, grid, block, args):
+        self.calls.append((name, tuple(grid), tuple(block)))
+
+
+def test_topk_launch_shapes():
+    """csrc/NOTES.md "topk_softmax": 8 warps a block while the grid leaves SMs idle, 4 warps once there
+    are more blocks than SMs; at most MAX_SPLITS slices of at least MIN_CHUNK tokens; a merge block of
+    one warp per slice."""
+    cases = [  # B, H, V -> partial grid, partial threads, merge threads
+        (1, 3, 50304, (3, 24, 1), 256, 768),
+        (1, 3, 151936, (3, 32, 1), 256, 1024),
+        (8, 3, 50304, (24, 11, 1), 128, 352),
+        (256, 3, 50304, (768, 1, 1), 128, None),
+        (1, 1, 1000, (1, 1, 1), 256, None),
+    ]
+    for B, H, V, grid, threads, mthreads in cases:
+        L = _RecordingLauncher()
+        kernels._topk_lists(torch.empty(B, H, V, dtype=torch.bfloat16), 50, 1.0, L)
+        assert L.calls[0][1:] == (grid, (threads, 1, 1)), (B, H, V)
+        assert [c[2][0] for c in L.calls[1:]] == ([mthreads] if mthreads else [])
 
 
 def _require_ftz(emu, ftz: bool):
@@ -741,22 +854,22 @@ def test_emu_nan_logits_count_as_neg_inf(emu):
         assert bool(((out.tokens[:, 0] >= 0) & (out.tokens[:, 0] < V)).all())
 
 
-@pytest.mark.parametrize("B,H,V,k,dtype,sms", [(1, 1, 151936, 50, torch.bfloat16, 37),
-                                               (1, 3, 151936, 8, torch.float32, 66)])
-def test_emu_topk_merges_more_than_32_splits(emu, B, H, V, k, dtype, sms):
-    """An H100 (132 SMs) splits a B = 1, V = 151936 row into 74 slices; the merge block then has three
-    warps, one thread per slice."""
+@pytest.mark.parametrize("B,H,V,k,dtype,sms,threads", [(1, 1, 151936, 50, torch.bfloat16, 37, 256),
+                                                       (1, 3, 151936, 8, torch.float32, 66, 1024)])
+def test_emu_topk_merges_the_most_splits(emu, B, H, V, k, dtype, sms, threads):
+    """An H100 (132 SMs) splits a B = 1, V = 151936 row into MAX_SPLITS = 32 slices; the merge block
+    then has one warp per slice (capped by the launcher: 8 and 32 warps here) and merges 32 lists."""
     S, _ = kernels._num_splits(B * H, V, sms)
-    assert S > 32
+    assert S == kernels.MAX_SPLITS == 32
     g = torch.Generator().manual_seed(S)
     x = (torch.randn(B, H, V, generator=g) * 3).to(dtype)
     x[0, 0, -40:] = 20.0  # the best tokens in the last slices, ties among them
-    L = EmuLauncher(emu, num_sms=sms)
+    L = EmuLauncher(emu, num_sms=sms, threads=threads)
     out = _poison_outputs(B, H, k, k, "cpu", vals=True, sample=True)
     probs, ids, vals, sample = kernels._topk_lists(x, k, 1.0, L, want_vals=True, gumbel=True, seeds=(None, 5, 6),
                                                    out=(out["probs"], out["ids"], out["vals"], out["sample"]))
     merges = [c for c in L.calls if c[0] == "topk_softmax_merge"]
-    assert merges and merges[0][2][0] == 32 * -(-S // 32) > 32
+    assert merges and merges[0][2][0] == min(32 * S, threads) > 32
     del out["tokens"], out["n"]
     _assert_no_poison(out)
     _assert_topk_matches(probs, ids, x, k, 1.0)

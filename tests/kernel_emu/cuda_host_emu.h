@@ -4,8 +4,10 @@
 // Every CUDA thread of a block is a cooperative fiber (ucontext) of one OS thread; blocks run
 // one after another. A fiber runs until it reaches a barrier, then the next runnable fiber runs:
 //   * __syncthreads() is a barrier over the block;
-//   * __shfl_xor_sync exchanges values through a slot per thread between two barriers over the
-//     warp (32 consecutive threads), so it needs all 32 lanes, as the kernels' full-mask shuffles do;
+//   * __shfl_xor_sync, __shfl_sync and __ballot_sync exchange values through a slot per thread
+//     between two barriers over the warp (32 consecutive threads), so they need all 32 lanes, as the
+//     kernels' full-mask warp intrinsics do (a lane that skips one unbalances the warp's barriers: a
+//     deadlock or a wrong result);
 //   * __shared__ variables are function-local statics: shared by the fibers of the one block that
 //     runs at a time.
 // Fibers are scheduled in increasing or (emu_set_reverse(1)) decreasing thread order, so a
@@ -30,6 +32,8 @@
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static
+#define __noinline__                // empty: a later __attribute__((__noinline__)) stays valid
+#define __launch_bounds__(...)
 
 struct uint3 {
   unsigned x, y, z;
@@ -148,21 +152,50 @@ int launch(void (*k)(A...), unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
 
 inline void __syncthreads() { emu::barrier_wait(emu::g_block_barrier); }
 
+namespace emu {
+
+// Value of lane src_lane of the calling thread's warp: every lane publishes v in its slot, the warp
+// meets, reads, and meets again (so no lane overwrites its slot before all have read it).
 template <class T>
-T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask) {
+T warp_exchange(T v, unsigned src_lane) {
   static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
-  const unsigned t = threadIdx.x, warp = t / 32;
+  const unsigned t = g_threadIdx.x, warp = t / 32;
   unsigned long long bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
-  emu::g_slots[t] = bits;
-  emu::barrier_wait(emu::g_warp_barrier[warp]);
-  const unsigned src = (t & ~31u) | ((t & 31u) ^ static_cast<unsigned>(lane_mask));
-  bits = emu::g_slots[src];
-  emu::barrier_wait(emu::g_warp_barrier[warp]);
+  g_slots[t] = bits;
+  barrier_wait(g_warp_barrier[warp]);
+  bits = g_slots[(t & ~31u) | (src_lane & 31u)];
+  barrier_wait(g_warp_barrier[warp]);
   T r;
   std::memcpy(&r, &bits, sizeof(T));
   return r;
 }
+
+}  // namespace emu
+
+template <class T>
+T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask) {
+  return emu::warp_exchange(v, (threadIdx.x & 31u) ^ static_cast<unsigned>(lane_mask));
+}
+
+// Full-mask only, like the kernels' calls; width 32. A source lane outside 0..31 wraps as on the GPU.
+template <class T>
+T __shfl_sync(unsigned /*mask*/, T v, int src_lane) {
+  return emu::warp_exchange(v, static_cast<unsigned>(src_lane));
+}
+
+inline unsigned __ballot_sync(unsigned /*mask*/, int predicate) {
+  const unsigned t = threadIdx.x, warp = t / 32;
+  emu::g_slots[t] = predicate != 0 ? 1u : 0u;
+  emu::barrier_wait(emu::g_warp_barrier[warp]);
+  unsigned bits = 0;
+  for (unsigned l = 0; l < 32; ++l) bits |= static_cast<unsigned>(emu::g_slots[warp * 32 + l]) << l;
+  emu::barrier_wait(emu::g_warp_barrier[warp]);
+  return bits;
+}
+
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
 
 inline float __uint_as_float(unsigned u) {
   float f;
