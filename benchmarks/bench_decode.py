@@ -26,8 +26,10 @@ Three parts, in this order and in one process (each variant warmed up first):
    / steps of the slowest row), tokens/s over the batch, speculative acceptance, and the speed-up
    in tokens/s over ``ar`` with the same B, mode and backend.
 3. ``decode_1b``: the 1B-shaped model decoding greedily with ``ar`` and with ``dynamo`` at
-   ``eps_b = 0`` without statistics (always H tokens a step whatever the random heads say: the
-   speed-up a lossy multi-token step would have at full acceptance), B in ``--batch-sizes``.
+   ``eps_b = 0`` without statistics or adaptive threshold (always H tokens a step whatever the
+   random heads say: the speed-up a lossy multi-token step would have at full acceptance; the
+   blur and Otsu over all k**H cells, which decide nothing here, are timed by bench_kernels.py's
+   eps_b = 0 rows), B in ``--batch-sizes``.
 
 Timing: ``time.perf_counter`` with ``torch.cuda.synchronize()`` before and after each run; the
 median (and minimum) of ``--repeats`` runs. ``torch.set_num_threads(--threads)`` (default 1).
@@ -397,7 +399,8 @@ def main(argv=None) -> int:
         ids_all = torch.randint(0, big.vocab_size, (max(args.batch_sizes), args.prompt_len), generator=g).to(device)
         n_new = max(2, args.max_new_tokens // 2)
         for B in args.batch_sizes:
-            for strategy, overrides in (("ar", {}), ("dynamo", {"eps_b": 0.0, "alpha_c": 0.0})):
+            for strategy, overrides in (("ar", {}), ("dynamo", {"eps_b": 0.0, "alpha_c": 0.0,
+                                                                 "adaptive_threshold": False})):
                 for backend in (backends if strategy != "ar" else dict.fromkeys((backends[0], backends[-1]))):
                     where = f"decode_1b {strategy} B={B} {backend}"
                     row = attempt(where, lambda: decode_run(

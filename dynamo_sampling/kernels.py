@@ -76,6 +76,9 @@ SOURCES = ("topk_softmax.cu", "dynamo_step.cu")
 TOPK_THREADS = 256  # a block of the top-k pass when blocks <= SMs
 TOPK_THREADS_BUSY = 128  # when there are more blocks than SMs
 STEP_THREADS = 256
+# fewer rows than half the SMs (B = 1 decoding): a row's block is alone on its SM, so twice the
+# threads share its candidates (the kernel's __launch_bounds__(512) keeps its registers in budget)
+STEP_THREADS_FEW_ROWS = 512
 # smallest vocabulary slice worth a block of its own: one tile of 16-byte loads (256 bf16) for each warp
 MIN_CHUNK = 2048
 # most vocabulary slices per row: the merge block holds every slice's list in shared memory
@@ -392,13 +395,21 @@ def topk_softmax(logits: torch.Tensor, k: int, temperature: float = 1.0, *, out=
 def _stats_tables(stats: CooccurrenceTables, device: torch.device) -> dict:
     """The kernels' view of the statistics' own device cache (:meth:`CooccurrenceTables.device_tables`):
     ``V``, ``uni`` int64 (V,), ``total`` {n: float T_n} for ``n = 1..HMAX`` (0 past max_order) and the
-    sorted ``keys`` / ``counts`` int64 (K_n,) for ``n = 2..min(max_order, HMAX)``."""
+    sorted ``keys`` / ``counts`` int64 (K_n,) for ``n = 2..min(max_order, HMAX)``, and ``starts`` int64
+    (V + 1,): the keys of n-grams that start with token x are ``keys[starts[x]:starts[x + 1]]`` (built
+    once per statistics object and device, kept in the device tables' dict)."""
     tabs = stats.device_tables(device)
     totals = stats.totals
+    V = int(stats.vocab_size)
     orders = range(2, min(int(stats.max_order), HMAX) + 1)
-    return {"V": int(stats.vocab_size), "uni": tabs["uni"],
-            "total": {n: float(totals.get(n, 0)) for n in range(1, HMAX + 1)},
-            "keys": {n: tabs["keys"][n] for n in orders}, "counts": {n: tabs["counts"][n] for n in orders}}
+    starts = tabs.setdefault("kernel_starts", {})
+    for n in orders:
+        if n not in starts:
+            firsts = torch.arange(V + 1, device=tabs["keys"][n].device, dtype=torch.int64) * V ** (n - 1)
+            starts[n] = torch.searchsorted(tabs["keys"][n], firsts)
+    return {"V": V, "uni": tabs["uni"], "total": {n: float(totals.get(n, 0)) for n in range(1, HMAX + 1)},
+            "keys": {n: tabs["keys"][n] for n in orders}, "counts": {n: tabs["counts"][n] for n in orders},
+            "starts": {n: starts[n] for n in orders}}
 
 
 # ---------------------------------------------------------------- the step
@@ -488,13 +499,13 @@ def _dynamo_step_impl(head_logits: torch.Tensor, cfg: DynamoConfig, launcher, *,
             draft = torch.empty((B, H, k), dtype=torch.float32, device=dev)
 
     # statistics
-    st = {"V": 0, "uni": None, "total": {n: 0.0 for n in range(1, HMAX + 1)}, "keys": {}, "counts": {}}
+    st = {"V": 0, "uni": None, "total": {n: 0.0 for n in range(1, HMAX + 1)}, "keys": {}, "counts": {}, "starts": {}}
     if use_stats:
         st = _stats_tables(stats, dev)
     table_args = []
     for n in range(2, HMAX + 1):
-        keys, counts = st["keys"].get(n), st["counts"].get(n)
-        table_args += [_ptr(keys), _ptr(counts), np.int64(0 if keys is None else keys.numel())]
+        keys, counts, starts = st["keys"].get(n), st["counts"].get(n), st["starts"].get(n)
+        table_args += [_ptr(keys), _ptr(counts), _ptr(starts), np.int64(0 if keys is None else keys.numel())]
 
     # repetition penalty, speculative mode, caps
     use_penalty = seen_tokens is not None and cfg.repetition_penalty != 1.0
@@ -518,8 +529,9 @@ def _dynamo_step_impl(head_logits: torch.Tensor, cfg: DynamoConfig, launcher, *,
     scratch = torch.empty((blocks * per_block,), dtype=torch.float32, device=dev)
 
     seed_t, seed_arg, offset_arg = seeds
+    threads = STEP_THREADS_FEW_ROWS if blocks * 2 <= launcher.num_sms else STEP_THREADS
     launcher.launch("dynamo_step.cu", "dynamo_step_kernel", (blocks, 1, 1),
-                    (min(STEP_THREADS, launcher.max_threads), 1, 1), [
+                    (min(threads, launcher.max_threads), 1, 1), [
         np.int32(B), np.int32(H), np.int32(k), np.int32(KL), _ptr(probs), _ptr(ids), _ptr(vals), _ptr(sample_full),
         np.int32(int(use_stats)), np.float64(cfg.alpha_c), np.int64(st["V"]), *table_args,
         *[np.float64(st["total"][n]) for n in range(1, HMAX + 1)], _ptr(st["uni"]),
