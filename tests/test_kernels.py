@@ -854,11 +854,12 @@ def test_emu_nan_logits_count_as_neg_inf(emu):
         assert bool(((out.tokens[:, 0] >= 0) & (out.tokens[:, 0] < V)).all())
 
 
-@pytest.mark.parametrize("B,H,V,k,dtype,sms,threads", [(1, 1, 151936, 50, torch.bfloat16, 37, 256),
-                                                       (1, 3, 151936, 8, torch.float32, 66, 1024)])
+@pytest.mark.parametrize("B,H,V,k,dtype,sms,threads", [(1, 1, 65536, 50, torch.bfloat16, 37, 256),
+                                                       (1, 3, 65536, 8, torch.float32, 66, 1024)])
 def test_emu_topk_merges_the_most_splits(emu, B, H, V, k, dtype, sms, threads):
-    """An H100 (132 SMs) splits a B = 1, V = 151936 row into MAX_SPLITS = 32 slices; the merge block
-    then has one warp per slice (capped by the launcher: 8 and 32 warps here) and merges 32 lists."""
+    """An H100 (132 SMs) splits a B = 1 row of V >= 32 * MIN_CHUNK tokens (151936 for Qwen) into
+    MAX_SPLITS = 32 slices; the merge block then has one warp per slice (capped by the launcher: 8
+    and 32 warps here) and merges 32 lists."""
     S, _ = kernels._num_splits(B * H, V, sms)
     assert S == kernels.MAX_SPLITS == 32
     g = torch.Generator().manual_seed(S)

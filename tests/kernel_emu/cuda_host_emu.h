@@ -16,6 +16,7 @@
 // Floating point is IEEE binary32/64 (compile with -ffp-contract=off).
 #pragma once
 
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <cmath>
@@ -46,8 +47,13 @@ struct Barrier {
   unsigned long long gen = 0;
 };
 
+// A fiber starts through ucontext (makecontext gives it its own stack) and then switches with
+// _setjmp/_longjmp, which unlike swapcontext save no signal mask: no system call per switch (the
+// warp intrinsics switch every fiber twice per call, so this is most of the emulation's time).
 struct Fiber {
   ucontext_t ctx;
+  jmp_buf jb;
+  bool started = false;
   std::vector<char> stack;
   bool done = false;
   const Barrier* wait = nullptr;
@@ -59,6 +65,7 @@ constexpr std::size_t kStack = 256 * 1024;
 inline uint3 g_threadIdx, g_blockIdx, g_blockDim, g_gridDim;
 inline std::vector<Fiber> g_fibers;
 inline ucontext_t g_sched;
+inline jmp_buf g_sched_jb;
 inline int g_cur = 0;
 inline bool g_reverse = false;
 inline Barrier g_block_barrier;
@@ -74,12 +81,25 @@ inline void barrier_wait(Barrier& b) {
     b.count = 0;
     ++b.gen;
   }
-  swapcontext(&f.ctx, &g_sched);
+  if (_setjmp(f.jb) == 0) _longjmp(g_sched_jb, 1);
 }
 
 inline void trampoline() {
   g_body();
-  g_fibers[g_cur].done = true;  // returning resumes g_sched (uc_link)
+  g_fibers[g_cur].done = true;
+  _longjmp(g_sched_jb, 1);  // never returns: the fiber's stack is reused by the next block
+}
+
+// Runs fiber f until it waits at a barrier or ends. The _setjmp lives in this small frame, so the
+// scheduler's loop variables never sit between a _setjmp and its _longjmp.
+__attribute__((noinline)) inline void resume(Fiber& f) {
+  if (_setjmp(g_sched_jb) != 0) return;
+  if (!f.started) {
+    f.started = true;
+    swapcontext(&g_sched, &f.ctx);  // first entry: runs until its first _longjmp back to g_sched_jb
+  } else {
+    _longjmp(f.jb, 1);
+  }
 }
 
 // Runs one block; returns 0, or -3 on a deadlock (a barrier not reached by every thread).
@@ -91,6 +111,7 @@ inline int run_block(unsigned bx) {
     Fiber& f = g_fibers[t];
     if (f.stack.size() < kStack) f.stack.resize(kStack);
     f.done = false;
+    f.started = false;
     f.wait = nullptr;
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack.data();
@@ -108,7 +129,7 @@ inline int run_block(unsigned bx) {
       f.wait = nullptr;
       g_cur = static_cast<int>(t);
       g_threadIdx = {t, 0, 0};
-      swapcontext(&g_sched, &f.ctx);
+      resume(f);
       progress = true;
       if (f.done) --remaining;
     }
