@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from dynamo_sampling import kernels, policy  # noqa: E402
 from dynamo_sampling.cooccurrence import CooccurrenceStats  # noqa: E402
+from dynamo_sampling.graphs import cuda_capture  # noqa: E402
 
 H = 3
 GRID_B = (1, 8, 64, 256)
@@ -211,16 +212,9 @@ def _fmt_ms(ms):
 
 def _graph_ms(fn, repeats: int):
     """(median ms of ``fn`` replayed from a CUDA graph, None) or (None, why the capture failed)."""
-    try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()  # warm the caches (device tables) on the capture stream's allocator pool
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return _median_ms(graph.replay, repeats), None
+    try:  # the warm-up run on the side stream also fills the caches (device tables)
+        replay, _ = cuda_capture(fn, torch.device("cuda", torch.cuda.current_device()))
+        return _median_ms(replay, repeats), None
     except Exception as e:
         return None, f"{type(e).__name__}: {e}"
 
