@@ -177,6 +177,8 @@ def _add_generate(sub):
     p.add_argument("--no-stats", action="store_true", help="no co-occurrence statistics")
     p.add_argument("--stream", action="store_true", help="print text as it is produced (the first sample)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="with --device cuda: replay each step's forward from a captured CUDA graph (same tokens)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads: 1 suits a model this small, and torch's default (one per core) "
                         "runs up to 100x slower while another process busies a core")
@@ -224,7 +226,7 @@ def _run_generate(args) -> int:
     out = sample(model, ids, mask, strategy=args.strategy, max_new_tokens=args.max_new_tokens,
                  do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, eos_token_id=eos,
                  stats=stats, generator=torch.Generator(device=args.device).manual_seed(args.seed),
-                 streamer=streamer, return_dict_in_generate=True, **overrides)
+                 streamer=streamer, return_dict_in_generate=True, cuda_graph=args.cuda_graph, **overrides)
     S = ids.shape[1]
     for b in range(args.num_samples):
         if streamer and b == 0:

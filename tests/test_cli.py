@@ -27,6 +27,7 @@ def run(capsys, *argv):
     (["generate", "--prompt", "x", "--model-dir", "/nonexistent/dir"], "pretrained model directory /nonexistent/dir lacks"),
     (["generate", "--prompt-file", "/nonexistent/prompt.py"], "cannot read --prompt-file /nonexistent/prompt.py"),
     (["generate", "--prompt", "x", "--max-new-tokens", "600", "--no-stats"], "leaves no room for a prompt"),
+    (["generate", "--prompt", "x", "--cuda-graph", "--no-stats"], "cuda_graph=True needs the model and input_ids on a CUDA"),
     (["cooccur", "--tokenizer", "tok.json", "--out", "/nonexistent/dir/s.npz", "Lib"],
      "--out /nonexistent/dir/s.npz: directory /nonexistent/dir does not exist"),
 ])
