@@ -109,7 +109,8 @@ def test_never_emits_unseen_pair_after_a(stats_b_after_a, do_sample):
 @pytest.mark.parametrize("eps_b", [0.0, 0.05, 0.3])
 @pytest.mark.parametrize("use_stats", [False, True])
 @pytest.mark.parametrize("first", [False, True])
-def test_sparse_candidates_equal_dense_reference(stats_b_after_a, eps_b, use_stats, first):
+@pytest.mark.parametrize("join", [None, True, False])
+def test_sparse_candidates_equal_dense_reference(stats_b_after_a, eps_b, use_stats, first, join):
     stats, a, b = stats_b_after_a
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(5, 3, stats.vocab_size, generator=g) * 2.5
@@ -119,7 +120,7 @@ def test_sparse_candidates_equal_dense_reference(stats_b_after_a, eps_b, use_sta
     active = torch.tensor([True, True, False, True, True])
     for n in (2, 3):
         args = (p, ids, n, eps_b ** (n - 1), stats if use_stats else None, 1.0, first_idx, active)
-        fast, ref = sparse_candidates(*args), dense_candidates(*args)
+        fast, ref = sparse_candidates(*args, join=join), dense_candidates(*args)
         assert torch.equal(fast.keys(12), ref.keys(12))
         assert torch.allclose(fast.J, ref.J, rtol=1e-6)
         assert not (fast.rows == 2).any()
