@@ -80,7 +80,7 @@ def measure(model, stats, prompt, batch: int, repeats: int, device) -> dict:
                     model.head_logits(hidden[:, -1, 1:])
         return run
 
-    stem_w, head_w, _, _ = model.inference_weights()
+    stem_w, head_groups, _, _ = model.inference_weights()
     x1 = model.embed(feed[1][0])
     plan1 = model._plan(feed[1][1], cache)
     hid1 = torch.randn(batch, 1, cfg.d_model, device=device, dtype=x1.dtype)
@@ -95,8 +95,8 @@ def measure(model, stats, prompt, batch: int, repeats: int, device) -> dict:
     first = logits[:, 0].argmax(-1)
     fns = {
         "stem (T=1)": stem_only,
-        f"heads 1..{H} grouped (T=1)": lambda: grouped_block(x1, head_w, plan1, cache, len(stem_w), cfg),
-        "head 1 alone (T=1)": lambda: grouped_block(x1, head_w.layers(0, 1), plan1, cache, len(stem_w), cfg),
+        f"heads 1..{H} grouped (T=1)": lambda: grouped_block(x1, head_groups[0, H], plan1, cache, len(stem_w), cfg),
+        "head 1 alone (T=1)": lambda: grouped_block(x1, head_groups[0, 1], plan1, cache, len(stem_w), cfg),
         "unembedding, 1 row": lambda: model.head_logits(hid1),
         "unembedding, 3 rows": lambda: model.head_logits(hid3),
         "forward head 1, T=1 (ar)": loop_forward(1, 1),

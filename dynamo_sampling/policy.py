@@ -203,7 +203,9 @@ def sparse_candidates(p, ids, n, tau, stats, alpha_c, first_idx, active, join=No
         m = flat // k
         rows, idx = rows.index_select(0, m), torch.cat([idx.index_select(0, m), (flat % k)[:, None]], 1)
         val = ext.reshape(-1).index_select(0, flat)
-        if stats is not None and h < n - 1 and rows.numel():  # the last pair is checked by the n-gram lookup
+        # prune prefixes whose last pair was never seen (the n-gram lookup checks the last one) where
+        # that saves more than the lookup costs: below _JOIN_MIN cells, one lookup at the end is cheaper
+        if stats is not None and h < n - 1 and rows.numel() * k > _JOIN_MIN:
             seen = Candidates(rows, idx, val).select(
                 stats.weight(_ngrams(ids, rows, idx[:, h - 1:h + 1], start=h - 1), alpha_c) > 0)
             rows, idx, val = seen.rows, seen.idx, seen.J

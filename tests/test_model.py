@@ -141,6 +141,37 @@ def test_grouped_fast_path_equals_reference_in_bf16(normed_model):
         assert torch.allclose(f, r, atol=0.05 * r.abs().max().item()), (f - r).abs().max()
 
 
+def _bf16_copy(model):
+    copy = TinyMTP(model.config)
+    copy.load_state_dict(model.state_dict())
+    return copy.to(torch.bfloat16).eval()
+
+
+def test_bf16_default_cache_is_float32_and_stays_close_to_the_reference(normed_model):
+    model = _bf16_copy(normed_model)
+    assert model.new_cache(1, 8).dtype == torch.float32  # attention in fp32 on a CPU (new_cache's docstring)
+    fast, ref = _feeds(model, False, None), _feeds(model, True, torch.bfloat16)
+    for f, r in zip(fast, ref):
+        assert torch.allclose(f, r, atol=0.05 * r.abs().max().item()), (f - r).abs().max()
+
+
+def test_prepacked_bf16_matmuls_give_bit_identical_logits(normed_model, monkeypatch):
+    from dynamo_sampling.models import tiny
+    model = _bf16_copy(normed_model)
+    with torch.no_grad():
+        stem, groups, _, _ = model.inference_weights()
+    if stem[0].packed is None:
+        pytest.skip("this torch build or CPU cannot prepack bf16 weights for oneDNN")
+    assert all(g.packed is not None for g in groups.values()) and model._unembed_packed is not None
+    packed = _feeds(model, False, torch.bfloat16)
+    monkeypatch.setattr(tiny, "pack_linear", lambda weight: None)
+    model._inference = None  # rebuilt without packs
+    plain = _feeds(model, False, torch.bfloat16)
+    assert model.inference_weights()[0][0].packed is None
+    for a, b in zip(packed, plain):
+        assert torch.equal(a, b)
+
+
 def test_hidden_and_head_logits_give_the_logits(normed_model):
     ids = torch.randint(0, 97, (2, 5))
     pos = torch.arange(5).expand(2, 5)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynamo_sampling import DynamoConfig, dynamo_step
+from dynamo_sampling import DynamoConfig, dynamo_step, policy
 from dynamo_sampling.cooccurrence import CooccurrenceStats
 from dynamo_sampling.policy import (Candidates, blur_candidates, dense_candidates, otsu_threshold,
                                     sparse_candidates)
@@ -110,7 +110,11 @@ def test_never_emits_unseen_pair_after_a(stats_b_after_a, do_sample):
 @pytest.mark.parametrize("use_stats", [False, True])
 @pytest.mark.parametrize("first", [False, True])
 @pytest.mark.parametrize("join", [None, True, False])
-def test_sparse_candidates_equal_dense_reference(stats_b_after_a, eps_b, use_stats, first, join):
+@pytest.mark.parametrize("join_min", [0, None])  # 0: every extension prunes unseen pairs (or joins); None: as shipped
+def test_sparse_candidates_equal_dense_reference(stats_b_after_a, eps_b, use_stats, first, join, join_min,
+                                                 monkeypatch):
+    if join_min is not None:
+        monkeypatch.setattr(policy, "_JOIN_MIN", join_min)
     stats, a, b = stats_b_after_a
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(5, 3, stats.vocab_size, generator=g) * 2.5
