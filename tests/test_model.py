@@ -160,9 +160,10 @@ def test_prepacked_bf16_matmuls_give_bit_identical_logits(normed_model, monkeypa
     model = _bf16_copy(normed_model)
     with torch.no_grad():
         stem, groups, _, _ = model.inference_weights()
+        model.head_logits(torch.zeros(1, model.config.d_model, dtype=torch.bfloat16))
     if stem[0].packed is None:
         pytest.skip("this torch build or CPU cannot prepack bf16 weights for oneDNN")
-    assert all(g.packed is not None for g in groups.values()) and model._unembed_packed is not None
+    assert all(g.packed is not None for g in groups.values()) and model._unembed_packed[1] is not None
     packed = _feeds(model, False, torch.bfloat16)
     monkeypatch.setattr(tiny, "pack_linear", lambda weight: None)
     model._inference = None  # rebuilt without packs
@@ -170,6 +171,12 @@ def test_prepacked_bf16_matmuls_give_bit_identical_logits(normed_model, monkeypa
     assert model.inference_weights()[0][0].packed is None
     for a, b in zip(packed, plain):
         assert torch.equal(a, b)
+    monkeypatch.undo()
+    hidden = torch.randn(2, model.config.d_model).bfloat16()
+    with torch.no_grad():
+        model.head_logits(hidden)
+        model.unembed.weight.mul_(2)  # in place, as an optimiser step would: the pack follows
+        assert torch.equal(model.head_logits(hidden), torch.nn.functional.linear(hidden, model.unembed.weight).float())
 
 
 def test_hidden_and_head_logits_give_the_logits(normed_model):

@@ -197,7 +197,8 @@ def _stage(x: torch.Tensor, w_io: torch.Tensor, b: torch.Tensor, packed: Optiona
     out) weights, or one prepacked matmul per layer."""
     if packed is None:
         return torch.baddbmm(b, x, w_io)
-    return torch.stack([linear(x[i], *layer[stage][:2], layer[stage][2]) for i, layer in enumerate(packed.layers)])
+    out = [linear(x[i], *layer[stage][:2], layer[stage][2]) for i, layer in enumerate(packed.layers)]
+    return out[0][None] if len(out) == 1 else torch.stack(out)
 
 
 @dataclass
@@ -295,7 +296,7 @@ class TinyMTP(nn.Module):
             self.unembed.weight = self.embed.weight
         self.apply(self._init)
         self._inference = None  # (key, stem GroupWeights list, {(a, b): heads a..b-1 GroupWeights}, head norm w, b)
-        self._unembed_packed = None
+        self._unembed_packed = None  # (key of the unembedding weight, its pack_linear or None)
         self._param_list = None  # parameters, listed once (replaced Parameter objects: reset it to None)
 
     @staticmethod
@@ -376,7 +377,6 @@ class TinyMTP(nn.Module):
                 norm_b = torch.stack([n.bias for n in self.head_norms])[:, None, None, :]
                 # the head ranges a forward runs (1..h, and 2..H for extra_heads), packed where that pays
                 groups = {(a, b): heads.layers(a, b).pack() for a in (0, 1) for b in range(a + 1, self.n_heads + 1)}
-                self._unembed_packed = pack_linear(self.unembed.weight)
             self._inference = (key, stem, groups, norm_w, norm_b)
         return self._inference[1:]
 
@@ -434,10 +434,13 @@ class TinyMTP(nn.Module):
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The shared unembedding: normed hidden (..., d) -> float32 logits (..., V)."""
+        w = self.unembed.weight
         if torch.is_grad_enabled():
-            return F.linear(hidden, self.unembed.weight).float()
-        self.inference_weights()  # (re)packs the unembedding when the weights changed
-        return linear(hidden, self.unembed.weight, None, self._unembed_packed).float()
+            return F.linear(hidden, w).float()
+        key = (w.data_ptr(), w.dtype, w._version)
+        if self._unembed_packed is None or self._unembed_packed[0] != key:  # (re)packed when the weight changed
+            self._unembed_packed = (key, pack_linear(w))
+        return linear(hidden, w, None, self._unembed_packed[1]).float()
 
     def forward(self, input_ids, positions, cache: Optional[KVCache] = None, heads: Optional[int] = None,
                 logits_index: Optional[torch.Tensor] = None, output_hidden: bool = False, reference: bool = False,
