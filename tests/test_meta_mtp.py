@@ -136,6 +136,13 @@ def checkpoint(tmp_path_factory):
     return directory, state
 
 
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    """The checkpoint loaded once for the decoding tests (sample() never changes a model), so the step-cost
+    table that sample() times for a model on first use is timed once, not per test."""
+    return load_meta_mtp(checkpoint[0])
+
+
 # ---- tests ------------------------------------------------------------------------------------------
 def test_logits_equal_the_reference_forward(checkpoint):
     directory, state = checkpoint
@@ -173,9 +180,9 @@ def test_eager_attention_and_bfloat16(checkpoint):
 
 
 @pytest.mark.parametrize("strategy", ["ar", "speculative", "lookup"])
-def test_greedy_equals_reference_greedy(checkpoint, strategy):
-    directory, state = checkpoint
-    model = load_meta_mtp(directory)
+def test_greedy_equals_reference_greedy(checkpoint, loaded, strategy):
+    _, state = checkpoint
+    model = loaded
     ids, mask = left_padded(seed=3)
     n = 16
     # eps_b=0: always draft H tokens, so verification (not the back-off) decides what is emitted
@@ -198,19 +205,20 @@ def test_accepted_drafts_stay_exact(tmp_path):
     write_checkpoint(tmp_path, state=state)
     model = load_meta_mtp(tmp_path)
     ids, mask = left_padded(seed=3)
+    expected = []  # the reference's greedy continuation of each row: one for both strategies
+    for b in range(4):
+        prompt = ids[b][mask[b].bool()]
+        expected.append(reference_greedy(state, PARAMS, prompt, 16)[len(prompt):])
     for strategy in ("speculative", "dynamo"):
         out = sample(model, ids, mask, strategy=strategy, max_new_tokens=16, pad_token_id=0, eps_b=0.0,
                      return_dict_in_generate=True)
         assert (out.tokens_per_step > 2).all(), strategy
         for b in range(4):
-            prompt = ids[b][mask[b].bool()]
-            expected = reference_greedy(state, PARAMS, prompt, 16)[len(prompt):]
-            assert torch.equal(out.sequences[b, ids.shape[1]:], expected), (strategy, b)
+            assert torch.equal(out.sequences[b, ids.shape[1]:], expected[b]), (strategy, b)
 
 
-def test_greedy_equals_transformers_generate(checkpoint):
-    directory, _ = checkpoint
-    model = load_meta_mtp(directory)
+def test_greedy_equals_transformers_generate(loaded):
+    model = loaded
     ids, mask = left_padded(seed=4)
     ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
                               eos_token_id=None)
@@ -218,9 +226,8 @@ def test_greedy_equals_transformers_generate(checkpoint):
     assert torch.equal(out, ref)
 
 
-def test_dynamo_and_sampling_run(checkpoint):
-    directory, _ = checkpoint
-    model = load_meta_mtp(directory)
+def test_dynamo_and_sampling_run(loaded):
+    model = loaded
     ids, mask = left_padded(seed=5)
     out = sample(model, ids, mask, strategy="dynamo", max_new_tokens=12, pad_token_id=0,
                  return_dict_in_generate=True)
