@@ -71,24 +71,27 @@ class DraftConfig:
 STEP_COST = {}  # (model, device, dtype, B, width, sampled) -> measured tables; also the joint's overhead
 
 
-def measure_step_cost(model, batch_size: int, width: int, rounds: int = 7, sampled: bool = False) -> dict:
+def measure_step_cost(model, batch_size: int, width: int, rounds: int = 5, sampled: bool = False) -> dict:
     """Cost of one forward feeding T = 1..width tokens per row, with head 1 only and with every
     head, relative to head 1 on one token: ``{1: (1.0, c2, ...), H: (c1, c2, ...)}``.
 
     Timed on a scratch cache holding a 64-token prefix, head 1 unembedded at every fed row and
     heads 2..H at one, as the loop does, and the verification of T - 1 draft tokens (greedy: an
-    argmax per row; ``sampled``: head 1's softmax per row, what rejection sampling reads). Every
-    variant is timed once per round, ``rounds`` rounds
-    after a warm-up, and each keeps its fastest: load from other processes only ever adds time,
-    so the minimum is the robust estimate. Each table is made non-decreasing by suffix minima (a
-    width's cost is at most any wider one's)."""
+    argmax per row; ``sampled``: head 1's softmax per row, what rejection sampling reads). Widths
+    T = 1, 2, 3, 4, 8, ... (powers of two) and ``width`` are timed and the others interpolated
+    linearly (a forward's cost grows about linearly in the tokens fed; this halves the time the
+    first ``sample()`` call spends measuring). Every variant is timed once per round, ``rounds``
+    rounds after a warm-up, and each keeps its fastest: load from other processes only ever adds
+    time, so the minimum is the robust estimate. Each table is made non-decreasing by suffix minima
+    (a width's cost is at most any wider one's)."""
     p = next(iter(model.parameters()), None)
     dev = p.device if p is not None else torch.device("cpu")
     H = model.n_heads
     prefix = min(64, model.max_seq_len - width)
     cache = model.new_cache(batch_size, max_len=prefix + width)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    variants = [(h, T) for h in sorted({1, H}) for T in range(1, width + 1)]
+    timed = sorted({T for T in (1, 2, 3) if T <= width} | {1 << i for i in range(width.bit_length())} | {width})
+    variants = [(h, T) for h in sorted({1, H}) for T in timed]
     best = {v: float("inf") for v in variants}
     with torch.inference_mode():
         model(torch.zeros(batch_size, prefix, dtype=torch.long, device=dev),
@@ -110,11 +113,22 @@ def measure_step_cost(model, batch_size: int, width: int, rounds: int = 7, sampl
                     best[(heads, T)] = min(best[(heads, T)], time.perf_counter() - t0)
     out = {"seconds": best[(1, 1)]}  # the unit: head 1 on one token
     for heads in sorted({1, H}):
-        rel = [best[(heads, T)] / best[(1, 1)] for T in range(1, width + 1)]
+        at = torch.tensor([best[(heads, T)] / best[(1, 1)] for T in timed], dtype=torch.float64)
+        rel = _interpolate(torch.tensor(timed, dtype=torch.float64), at, width)
         for i in range(width - 2, -1, -1):
             rel[i] = min(rel[i], rel[i + 1])
         out[heads] = tuple(max(1.0, c) for c in rel)
     return out
+
+
+def _interpolate(xs: torch.Tensor, ys: torch.Tensor, width: int) -> list:
+    """Piecewise-linear ``ys`` over sorted ``xs`` evaluated at T = 1..width (xs holds 1 and width)."""
+    if len(xs) == 1:
+        return ys.tolist()
+    T = torch.arange(1, width + 1, dtype=torch.float64)
+    hi = torch.searchsorted(xs, T).clamp(1, len(xs) - 1)
+    x0, x1, y0, y1 = xs[hi - 1], xs[hi], ys[hi - 1], ys[hi]
+    return (y0 + (y1 - y0) * (T - x0) / (x1 - x0)).tolist()
 
 
 def step_cost_tables(model, batch_size, width, draft: DraftConfig, device, sampled: bool) -> dict:

@@ -158,6 +158,22 @@ def test_draft_sizing_stops_where_a_token_is_not_worth_its_cost():
     assert torch.allclose(value[2], torch.tensor(1.0, dtype=torch.float64))
 
 
+def test_measured_step_cost_covers_every_width_and_never_decreases():
+    from dynamo_sampling.drafting import _interpolate, measure_step_cost
+    xs = torch.tensor([1.0, 2.0, 4.0, 9.0], dtype=torch.float64)
+    assert _interpolate(xs, torch.tensor([1.0, 1.2, 1.4, 2.4], dtype=torch.float64), 9) == pytest.approx(
+        [1.0, 1.2, 1.3, 1.4, 1.6, 1.8, 2.0, 2.2, 2.4])
+    model = TinyMTP(TinyMTPConfig(vocab_size=50, n_layer=2, n_heads=3, d_model=32, n_attn_heads=4, d_ff=64,
+                                  max_seq_len=128)).eval()
+    for width in (1, 3, 9):
+        table = measure_step_cost(model, 2, width, rounds=2)
+        assert table["seconds"] > 0
+        for heads in (1, 3):
+            assert len(table[heads]) == width and min(table[heads]) >= 1.0
+            assert all(a <= b for a, b in zip(table[heads], table[heads][1:]))
+        assert table[1][0] == 1.0
+
+
 @pytest.mark.parametrize("strategy", ["ar", "dynamo", "speculative", "lookup"])
 def test_zero_probability_tokens_never_drawn(strategy):
     """Token 0 has probability 0 under every head; each token's successor +1 has probability 0
