@@ -334,35 +334,32 @@ def otsu_threshold(values: torch.Tensor, rows: torch.Tensor, n_rows: int, bins: 
     between-class variance. Rows with fewer than two distinct values get their minimum
     (everything remains).
     """
-    dev = values.device
-    lo = torch.full((n_rows,), float("inf"), device=dev).scatter_reduce(0, rows, values, "amin")
-    hi = torch.full((n_rows,), float("-inf"), device=dev).scatter_reduce(0, rows, values, "amax")
-    width = (hi - lo).clamp(min=1e-30)
-    b = ((values - lo[rows]) / width[rows] * bins).long().clamp(0, bins - 1)
-    hist = torch.zeros(n_rows * bins, device=dev, dtype=torch.float64)
-    hist = hist.scatter_add_(0, rows * bins + b, torch.ones_like(values, dtype=torch.float64)).view(n_rows, bins)
-    centers = torch.arange(bins, device=dev, dtype=torch.float64) + 0.5
+    lo = values.new_full((n_rows,), float("inf")).scatter_reduce_(0, rows, values, "amin")
+    hi = values.new_full((n_rows,), float("-inf")).scatter_reduce_(0, rows, values, "amax")
+    width = (hi - lo).clamp_(min=1e-30)
+    b = ((values - lo.index_select(0, rows)) / width.index_select(0, rows) * bins).long().clamp_(0, bins - 1)
+    hist = torch.bincount(rows * bins + b, minlength=n_rows * bins).view(n_rows, bins).double()
     w0 = hist.cumsum(-1)  # weight of classes [0..t]
-    m0 = (hist * centers).cumsum(-1)
-    total, mtotal = w0[:, -1:], m0[:, -1:]
-    w1 = total - w0
-    between = w0 * w1 * (m0 / w0.clamp(min=1e-30) - (mtotal - m0) / w1.clamp(min=1e-30)) ** 2
-    between = torch.where((w0 > 0) & (w1 > 0), between, torch.full_like(between, -1.0))
-    t = between.argmax(-1)  # last bin of the lower class
+    m0 = (hist * _bin_centers(bins, values.device)).cumsum(-1)
+    w1 = w0[:, -1:] - w0
+    gap = m0 / w0.clamp(min=1e-30) - (m0[:, -1:] - m0) / w1.clamp(min=1e-30)
+    between = torch.where((w0 > 0) & (w1 > 0), w0 * w1 * gap ** 2, -1.0)
+    best, t = between.max(-1)  # t: last bin of the lower class (the first maximum)
     thr = lo + (t + 1).to(values.dtype) * width / bins
-    degenerate = (between.amax(-1) <= 0) | ~(hi > lo)
-    return torch.where(degenerate, lo, thr).float()
+    return torch.where((best <= 0) | ~(hi > lo), lo, thr).float()
+
+
+@functools.lru_cache(maxsize=8)
+def _bin_centers(bins: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(bins, device=device, dtype=torch.float64) + 0.5
 
 
 def _segment_argmax(score: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Position (into M) of the first maximum of ``score`` within each row; -1 for empty rows."""
     M = score.numel()
-    best = torch.full((n_rows,), float("-inf"), device=score.device, dtype=score.dtype)
-    best = best.scatter_reduce(0, rows, score, "amax")
-    is_best = score == best[rows]
-    pos = torch.arange(M, device=score.device)
-    first = torch.full((n_rows,), M, device=score.device, dtype=torch.long)
-    first = first.scatter_reduce(0, rows[is_best], pos[is_best], "amin")
+    best = score.new_full((n_rows,), float("-inf")).scatter_reduce_(0, rows, score, "amax")
+    pos = torch.where(score == best.index_select(0, rows), torch.arange(M, device=score.device), M)
+    first = torch.full((n_rows,), M, device=score.device, dtype=torch.long).scatter_reduce_(0, rows, pos, "amin")
     return torch.where(first < M, first, -1)
 
 
@@ -493,7 +490,7 @@ def dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats: Optional
         J = cand.J
         if penal is not None:
             for h in range(n):
-                J = J * penal[cand.rows, h, cand.idx[:, h]]
+                J = J * _at(penal, cand.rows, h, cand.idx[:, h])
         score = J.double() / _exp1(J.shape, generator, dev) if do_sample else J
         pos = _segment_argmax(score, cand.rows, B)  # (B,)
         emit = pos >= 0
