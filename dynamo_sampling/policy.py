@@ -477,12 +477,22 @@ def dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats: Optional
         undecided &= match.any(-1)  # first token outside head 1's top-k: no draft
     dense = cfg.candidates == "dense" or (cfg.candidates == "auto" and cfg.eps_b == 0 and use_stats is None)
     find = dense_candidates if dense else sparse_candidates
+    # speculative's cost-sized draft (first token fixed, every cell kept, no Otsu): one small grid per row
+    grid = (first_tokens is not None and cfg.candidates == "auto" and cfg.eps_b == 0
+            and not cfg.adaptive_threshold)
 
     tokens = torch.full((B, H), -1, dtype=torch.long, device=dev)
     n_out = torch.ones(B, dtype=torch.long, device=dev)
     draft = torch.zeros(B, H, k, dtype=torch.float32, device=dev) if first_tokens is not None else None
     for n in range(H, 1, -1):
         active = undecided if max_tokens is None else undecided & (max_tokens >= n)
+        if grid:
+            _draft_from_grid(p, topk_ids, n, use_stats, cfg.alpha_c, first_idx, active, penal, do_sample, generator,
+                             tokens, n_out, draft)
+            undecided &= n_out < n
+            if not bool(undecided.any()):
+                break
+            continue
         cand = find(p, topk_ids, n, cfg.eps_b ** (n - 1), use_stats, cfg.alpha_c, first_idx, active)
         if cand.rows.numel() == 0:
             continue
@@ -518,6 +528,54 @@ def dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats: Optional
         first = head_logits[:, 0].argmax(-1)
     tokens[:, 0] = torch.where(single, first, tokens[:, 0])
     return StepOutput(tokens, n_out, topk_ids, draft)
+
+
+def _draft_from_grid(p, ids, n, stats, alpha_c, first_idx, active, penal, do_sample, generator, tokens, n_out, draft):
+    """The speculative draft of order ``n`` on the (B, k**(n-1)) grid of cells that start with each
+    row's fixed first token: what the candidate path computes with ``eps_b = 0`` and no adaptive
+    threshold (the same J, weights, penalty and the same greedy choice, the lowest cell on ties; a
+    sampled draw proportional to J, from other noise), in a fixed number of ops instead of gathers
+    over a ragged candidate list. Writes ``tokens``, ``n_out`` and ``draft`` of the rows that emit."""
+    B, H, k = p.shape
+    C = k ** (n - 1)
+    digits = _grid_digits(k, n, p.device).t()[None].expand(B, n - 1, C)  # top-k index of heads 2..n per cell
+    J = p[:, 0].gather(1, first_idx[:, None])  # (B, 1)
+    for h in range(1, n):
+        J = (J[:, :, None] * p[:, h, None, :]).reshape(B, -1)  # row-major cells, as the candidate path
+    first_tok = ids[:, 0].gather(1, first_idx[:, None])  # (B, 1)
+    tok = torch.cat([first_tok[:, :, None].expand(B, C, 1), ids[:, 1:n].gather(2, digits).transpose(1, 2)], dim=2)
+    ok = (J > 0) & active[:, None]
+    if stats is not None:
+        w = stats.weight(tok.reshape(B * C, n), alpha_c).float().view(B, C)
+        J = J * w
+        ok &= w > 0
+    if penal is not None:  # one factor per head, in the candidate path's order
+        factors = penal[:, 1:n].gather(2, digits)  # (B, n-1, C)
+        J = J * penal[:, 0].gather(1, first_idx[:, None])
+        for h in range(n - 1):
+            J = J * factors[:, h]
+    score = J.double() / _exp1(J.shape, generator, J.device) if do_sample else J
+    best = score.masked_fill(~ok, float("-inf")).argmax(-1)  # (B,) the first maximum: the lowest cell
+    emit = ok.any(-1)
+    chosen = _grid_digits(k, n, p.device).index_select(0, best)  # (B, n-1): heads 2..n
+    tokens[:, :n] = torch.where(emit[:, None], tok.gather(1, best[:, None, None].expand(B, 1, n))[:, 0], tokens[:, :n])
+    n_out.copy_(torch.where(emit, n, n_out))
+    if draft is None:
+        return
+    mass = torch.where(ok, J, 0.0)  # (B, cells)
+    for j in range(1, n):  # q(x_j | the chosen x_1..x_{j-1}): the mass of the cells under that prefix
+        lead = k ** (n - j)  # cells per value of index j-1's prefix block
+        start = (chosen[:, :j - 1] * _powers(k, n - 1, J.device)[:j - 1]).sum(-1)  # first cell of the prefix
+        block = mass.gather(1, start[:, None] + torch.arange(lead, device=J.device)).view(B, k, -1).sum(-1)
+        q = block / block.sum(-1, keepdim=True).clamp(min=1e-30)
+        draft[:, j] = torch.where(emit[:, None], q, draft[:, j])
+
+
+@functools.lru_cache(maxsize=32)
+def _grid_digits(k: int, n: int, device: torch.device) -> torch.Tensor:
+    """(k**(n-1), n-1) int64: the top-k indices of heads 2..n of each row-major cell (cached)."""
+    cells = torch.arange(k ** (n - 1), device=device)
+    return torch.stack([cells // k ** (n - 1 - h) % k for h in range(1, n)], dim=-1)
 
 
 def _fill_draft(draft, cand: Candidates, rows, chosen_idx, k):

@@ -157,3 +157,46 @@ def test_config_errors():
                     ({"alpha_c": -1}, "alpha_c must be >= 0"), ({"repetition_penalty": 0}, "repetition_penalty must be > 0")]:
         with pytest.raises(ValueError, match=msg):
             DynamoConfig(**kw).validate()
+
+
+@pytest.mark.parametrize("H", [2, 3, 4])
+@pytest.mark.parametrize("use_stats", [False, True])
+def test_speculative_grid_draft_equals_candidate_path(H, use_stats):
+    """First token fixed, eps_b = 0, no Otsu (speculative's cost-sized draft): the grid path gives the
+    candidate path's tokens, lengths and draft conditionals (greedy), with penalties and caps."""
+    rng = np.random.default_rng(H)
+    V = 40
+    stats = CooccurrenceStats.build([rng.integers(0, V, 20000)], vocab_size=V, max_order=max(H, 2)) if use_stats else None
+    emitted = 0
+    for seed in range(4):
+        g = torch.Generator().manual_seed(10 * H + seed)
+        B = 9
+        logits = torch.randn(B, H, V, generator=g) * 2.5
+        first = logits[:, 0].topk(7, -1).indices[torch.arange(B), torch.randint(0, 7, (B,), generator=g)]  # 2 of 7 outside k
+        kw = {"seen_tokens": torch.rand(B, V, generator=g) < 0.3, "max_tokens": torch.randint(1, H + 1, (B,), generator=g)}
+        for extra in ({}, kw):
+            grid, ref = [dynamo_step(logits, DynamoConfig(k=5, eps_b=0.0, adaptive_threshold=False, candidates=c),
+                                     stats=stats, first_tokens=first, **extra) for c in ("auto", "sparse")]
+            assert torch.equal(grid.tokens, ref.tokens) and torch.equal(grid.n, ref.n)
+            assert torch.allclose(grid.draft_probs, ref.draft_probs, atol=1e-6)
+            emitted += int((ref.n > 1).sum())
+    assert emitted > 20  # the drafts under test happen
+
+
+def test_speculative_grid_draft_samples_the_joint():
+    """Sampled, the grid path draws x2 with the candidate path's draft marginal q(x2 | x1)."""
+    rng = np.random.default_rng(7)
+    V = 30
+    stats = CooccurrenceStats.build([rng.integers(0, V, 5000)], vocab_size=V, max_order=3)
+    logits = (torch.randn(1, 3, V, generator=torch.Generator().manual_seed(3)) * 1.5).expand(40000, 3, V)
+    first = logits[:, 0].argmax(-1)
+    cfg = DynamoConfig(k=6, eps_b=0.0, adaptive_threshold=False)
+    out = dynamo_step(logits, cfg, stats=stats, do_sample=True, generator=torch.Generator().manual_seed(0),
+                      first_tokens=first)
+    ref = dynamo_step(logits[:1], DynamoConfig(**{**cfg.__dict__, "candidates": "sparse"}), stats=stats,
+                      first_tokens=first[:1])
+    assert bool((out.n == 3).all()) and int(ref.n) == 3
+    q = ref.draft_probs[0, 1]  # over ref.topk_ids[0, 1]
+    freq = torch.stack([(out.tokens[:, 1] == t).float().mean() for t in ref.topk_ids[0, 1]])
+    assert torch.allclose(freq, q, atol=0.012), (freq, q)
+    assert torch.allclose(out.draft_probs[:, 1], q.expand(40000, -1), atol=1e-6)
