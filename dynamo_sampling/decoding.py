@@ -243,10 +243,12 @@ class _Decoder:
         if self.strategy == "speculative":
             need = active if self.H > 1 else torch.zeros_like(active)  # one head: nothing to draft with
             if lookup is not None and self.cost is not None and self.H > 1:
-                # skip the policy when no joint draft could beat the lookup draft: even with every
-                # token after the first certain, H-1 tokens at the joint's observed first rate
-                a1 = self.joint_ev.first_rate(torch.ones(B, dtype=torch.float64, device=dev))
-                acc = torch.cat([a1[:, None], torch.ones(B, self.H - 2, dtype=torch.float64, device=dev)], 1)
+                # skip the policy when no joint draft could beat the lookup draft: even if the heads
+                # were certain of every draft token, its value is at most this (the rates below are
+                # the ones _joint_draft uses, with their prior q at its largest, 1)
+                certain = torch.ones(B, self.H - 1, dtype=torch.float64, device=dev)
+                acc = torch.cat([self.joint_ev.first_rate(certain[:, 0])[:, None],
+                                 self.joint_ev.cont_rate(certain[:, 1:])], dim=1)
                 bound = size_drafts(acc, remaining - 1, self.cost + self.joint_overhead)[1]
                 need = need & ~(lookup[3] >= bound)
             joint = bool(need.any())
@@ -298,9 +300,12 @@ class _Decoder:
         if self.cost is not None:
             # acceptance of draft token j, known before it is drawn: greedy, the draft's own
             # probability of its (deterministic) token; sampling, sum_x q_j(x)^2, the chance that a
-            # draw from q_j agrees with another. Token 1's is the row's observed rate (prior: that).
+            # draw from q_j agrees with another.
             acc = (q * q).sum(-1) if self.sp.do_sample else q_drawn
-            acc = torch.cat([self.joint_ev.first_rate(acc[:, 0])[:, None], acc[:, 1:]], dim=1)
+            # token 1's is the row's observed first rate, later ones the observed continuation rate,
+            # each with the heads' own estimate as its prior
+            acc = torch.cat([self.joint_ev.first_rate(acc[:, 0])[:, None], self.joint_ev.cont_rate(acc[:, 1:])],
+                            dim=1)
             d_len, value = size_drafts(acc, jn - 1, self.cost)
             if self.sp.do_sample:  # the choice against lookup must not read the drawn tokens
                 value = size_drafts(acc[:, :1].expand_as(acc), jn - 1, self.cost)[1]

@@ -190,8 +190,11 @@ class Evidence:
     def first_rate(self, prior=None) -> torch.Tensor:
         return (self.first_hits + (self.prior_first if prior is None else prior)) / (self.first_checked + 1.0)
 
-    def cont_rate(self) -> torch.Tensor:
-        return (self.cont_hits + self.prior_cont) / (self.cont_checked + 1.0)
+    def cont_rate(self, prior=None) -> torch.Tensor:
+        """(B,), or (B, D) for a per-token ``prior`` (B, D)."""
+        if prior is None:
+            return (self.cont_hits + self.prior_cont) / (self.cont_checked + 1.0)
+        return (self.cont_hits[:, None] + prior) / (self.cont_checked[:, None] + 1.0)
 
     def add_first(self, proposed: torch.Tensor, accept_prob: torch.Tensor):
         self.first_checked += proposed.double()
