@@ -32,9 +32,13 @@ ambiguous") per row:
 Two implementations of step 2 produce the same *candidates* (row, cell, J) sorted by (row, cell):
 :func:`sparse_candidates` (the fast path) grows n-grams head by head, keeping only prefixes whose
 probability already exceeds ``tau_n`` (the remaining factors are <= 1) and whose adjacent pairs the
-statistics have seen, so at most ``1 / tau_n`` cells per row are ever touched;
+statistics have seen (by lookup, or by a join over the sorted n-gram tables where that reads
+fewer entries), so at most ``1 / tau_n`` cells per row are ever touched;
 :func:`dense_candidates` (the reference) builds the whole ``k**n`` grid. Everything after the
-candidates is shared, so the two give identical tokens; the tests compare them.
+candidates is shared, so the two give identical tokens; the tests compare them. Speculative's
+cost-sized draft (first token fixed, ``eps_b = 0``, no adaptive threshold) skips the candidate
+list: :func:`_draft_from_grid` scores the ``k**(n-1)`` cells after the first token as one grid per
+row, with the same tokens, lengths and draft conditionals (compared in the tests).
 
 Speculative decoding passes ``first_tokens``: the first token is already fixed (drawn exactly
 from head 1), candidates are restricted to cells that start with it, and the policy returns the
