@@ -179,6 +179,19 @@ def test_prepacked_bf16_matmuls_give_bit_identical_logits(normed_model, monkeypa
         assert torch.equal(model.head_logits(hidden), torch.nn.functional.linear(hidden, model.unembed.weight).float())
 
 
+def test_fp32_unembedding_through_its_transpose_follows_the_weight(normed_model):
+    model = TinyMTP(normed_model.config)
+    model.load_state_dict(normed_model.state_dict())
+    model.eval()
+    hidden = torch.randn(2, 3, model.config.d_model)
+    with torch.no_grad():
+        for _ in range(2):
+            plain = torch.nn.functional.linear(hidden, model.unembed.weight)
+            assert torch.allclose(model.head_logits(hidden), plain, atol=1e-5, rtol=1e-5)
+            assert model._unembed_packed[2] is not None  # the transposed copy is what ran
+            model.unembed.weight.mul_(-2)  # in place, as an optimiser step would: the copy follows
+
+
 def test_hidden_and_head_logits_give_the_logits(normed_model):
     ids = torch.randint(0, 97, (2, 5))
     pos = torch.arange(5).expand(2, 5)

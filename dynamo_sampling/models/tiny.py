@@ -297,7 +297,7 @@ class TinyMTP(nn.Module):
             self.unembed.weight = self.embed.weight
         self.apply(self._init)
         self._inference = None  # (key, stem GroupWeights list, {(a, b): heads a..b-1 GroupWeights}, head norm w, b)
-        self._unembed_packed = None  # (key of the unembedding weight, its pack_linear or None)
+        self._unembed_packed = None  # (key of the unembedding weight, its pack_linear, its fp32 transpose)
         self._param_list = None  # parameters, listed once (replaced Parameter objects: reset it to None)
 
     @staticmethod
@@ -440,8 +440,16 @@ class TinyMTP(nn.Module):
             return F.linear(hidden, w).float()
         key = (w.data_ptr(), w.dtype, w._version)
         if self._unembed_packed is None or self._unembed_packed[0] != key:  # (re)packed when the weight changed
-            self._unembed_packed = (key, pack_linear(w))
-        return linear(hidden, w, None, self._unembed_packed[1]).float()
+            packed = pack_linear(w)
+            # fp32 on a CPU: x @ W^T through a transposed copy, 2.8x faster for 1 row (MKL, the 2-core AMD
+            # EPYC VM: 431 vs 1194 us for 8192 x 256; the same kernel at 8+ rows)
+            wt = w.detach().t().contiguous() if packed is None and w.device.type == "cpu" and w.dtype == torch.float32 \
+                else None
+            self._unembed_packed = (key, packed, wt)
+        _, packed, wt = self._unembed_packed
+        if wt is not None:
+            return torch.matmul(hidden, wt)
+        return linear(hidden, w, None, packed).float()
 
     def forward(self, input_ids, positions, cache: Optional[KVCache] = None, heads: Optional[int] = None,
                 logits_index: Optional[torch.Tensor] = None, output_hidden: bool = False, reference: bool = False,
