@@ -497,7 +497,10 @@ def dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats: Optional
             if not bool(undecided.any()):
                 break
             continue
-        cand = find(p, topk_ids, n, cfg.eps_b ** (n - 1), use_stats, cfg.alpha_c, first_idx, active)
+        tau = cfg.eps_b ** (n - 1)
+        if not _may_pass(p, n, tau, active):
+            continue
+        cand = find(p, topk_ids, n, tau, use_stats, cfg.alpha_c, first_idx, active)
         if cand.rows.numel() == 0:
             continue
         if cfg.adaptive_threshold:
@@ -532,6 +535,18 @@ def dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats: Optional
         first = head_logits[:, 0].argmax(-1)
     tokens[:, 0] = torch.where(single, first, tokens[:, 0])
     return StepOutput(tokens, n_out, topk_ids, draft)
+
+
+def _may_pass(p, n: int, tau: float, active) -> bool:
+    """Whether any active row's top cell of order ``n`` passes the static threshold: no cell can when
+    the product of the heads' top probabilities does not (multiplied in the candidates' order, so
+    float rounding keeps it an upper bound). One host sync; skipping saves the candidate search."""
+    if tau <= 0:
+        return True
+    bound = p[:, 0, 0]
+    for h in range(1, n):
+        bound = bound * p[:, h, 0]
+    return bool(((bound > tau) & active).any())
 
 
 def _draft_from_grid(p, ids, n, stats, alpha_c, first_idx, active, penal, do_sample, generator, tokens, n_out, draft):

@@ -200,3 +200,26 @@ def test_speculative_grid_draft_samples_the_joint():
     freq = torch.stack([(out.tokens[:, 1] == t).float().mean() for t in ref.topk_ids[0, 1]])
     assert torch.allclose(freq, q, atol=0.012), (freq, q)
     assert torch.allclose(out.draft_probs[:, 1], q.expand(40000, -1), atol=1e-6)
+
+
+@pytest.mark.parametrize("eps_b", [0.02, 0.1, 0.3])
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_skipping_orders_no_cell_can_pass_changes_nothing(stats_b_after_a, eps_b, do_sample, monkeypatch):
+    stats, a, b = stats_b_after_a
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(40, 3, stats.vocab_size, generator=g) * torch.rand(40, 1, 1, generator=g) * 6
+    cfg = DynamoConfig(k=12, eps_b=eps_b)
+
+    def run():  # row by row (B = 1), where a skipped order is skipped for the whole batch
+        outs = [dynamo_step(logits[i:i + 1], cfg, stats=stats, do_sample=do_sample,
+                            generator=torch.Generator().manual_seed(i)) for i in range(len(logits))]
+        return torch.cat([o.tokens for o in outs]), torch.cat([o.n for o in outs])
+
+    verdicts = []
+    may_pass = policy._may_pass
+    monkeypatch.setattr(policy, "_may_pass", lambda *args: verdicts.append(may_pass(*args)) or verdicts[-1])
+    fast = run()
+    monkeypatch.setattr(policy, "_may_pass", lambda *args: True)
+    ref = run()
+    assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1])
+    assert False in verdicts and bool((ref[1] > 1).any())  # orders were skipped, and others emitted
