@@ -435,12 +435,13 @@ class _Decoder:
             self.seen.scatter_(1, torch.where(kept, tokens.clamp(min=0), self.V), True)
         if self.index is not None:
             self.index.extend(tokens[:, 1:], (keep - 1).clamp(min=0))
-        lk = torch.zeros_like(active) if prop.from_lookup is None else prop.from_lookup & active
         drafted, accepted = (prop.n - 1).clamp(min=0), (keep - 1).clamp(min=0)
-        self.lookup_ev.add_fed(lk & (drafted > 0), drafted, accepted)
-        self.joint_ev.add_fed(active & ~lk & (drafted > 0), drafted, accepted)
-        self.drafted += (prop.n - 1).clamp(min=0)
-        self.accepted += (keep - 1).clamp(min=0)
+        if self.strategy in ("speculative", "lookup"):  # the drafters' evidence (ar and dynamo draft nothing)
+            lk = torch.zeros_like(active) if prop.from_lookup is None else prop.from_lookup & active
+            self.lookup_ev.add_fed(lk & (drafted > 0), drafted, accepted)
+            self.joint_ev.add_fed(active & ~lk & (drafted > 0), drafted, accepted)
+            self.drafted += drafted
+            self.accepted += accepted
         self.cache.lengths = self.cache.lengths + keep
         self.n_gen = self.n_gen + keep
         self.steps += active.long()
