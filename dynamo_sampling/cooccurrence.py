@@ -366,8 +366,8 @@ class CooccurrenceStats:
         if keys.numel() == 0:
             return ngrams, tabs, torch.zeros(q.shape, dtype=torch.int64, device=q.device)
         flat = q.reshape(-1)
-        idx = torch.searchsorted(keys, flat).clamp_(max=keys.numel() - 1)
-        out = torch.where(keys[idx] == flat, counts[idx], torch.zeros((), dtype=torch.int64, device=flat.device))
+        idx = torch.searchsorted(keys, flat).clamp_(max=keys.numel() - 1)  # index_select: ~5x faster than [idx]
+        out = torch.where(keys.index_select(0, idx) == flat, counts.index_select(0, idx), 0)
         return ngrams, tabs, out.reshape(q.shape)
 
     def count(self, ngrams, check: bool = True) -> torch.Tensor:
@@ -392,10 +392,10 @@ class CooccurrenceStats:
             return seen.to(torch.float32)
         # (c / T_n) / prod_i p1[x_i]; unseen n-grams may give 0/0 here, masked below
         w = c.double() / float(self._totals[ngrams.shape[-1]])
-        w /= tabs["p1"][ngrams].prod(dim=-1)
+        w /= tabs["p1"].index_select(0, ngrams.reshape(-1)).view(ngrams.shape).prod(dim=-1)
         if alpha_c != 1.0:
             w.pow_(alpha_c)
-        return torch.where(seen, w, torch.zeros((), dtype=w.dtype, device=w.device)).to(torch.float32)
+        return torch.where(seen, w, 0.0).to(torch.float32)
 
     def prune(self, min_count: int) -> "CooccurrenceStats":
         """A copy without the n-grams (order >= 2) seen fewer than ``min_count`` (``>= 1``) times: kept
