@@ -243,12 +243,12 @@ def _join_seen(tables, V, ids, p, rows, idx, val, tau, limit):
     m = torch.repeat_interleave(torch.arange(M, device=dev), lengths, output_size=total)
     entry = torch.arange(total, device=dev) + (lo - (lengths.cumsum(0) - lengths)).index_select(0, m)
     rm = rows.index_select(0, m)
-    token = keys.index_select(0, entry) - base.index_select(0, m) + rm * V
+    slot = keys.index_select(0, entry) - base.index_select(0, m) + rm * V  # row * V + the continuation token
     # rank of each continuation in head h's top-k (-1: not in it), from a (B, V) map
     rank = torch.full((B * V,), -1, dtype=torch.long, device=dev)
     rank.scatter_(0, (torch.arange(B, device=dev)[:, None] * V + ids[:, h]).reshape(-1),
                   torch.arange(k, device=dev).repeat(B))
-    j = rank.index_select(0, token)
+    j = rank.index_select(0, slot)
     ext = val.index_select(0, m) * _at(p, rm, h, j.clamp(min=0))
     ok = ((j >= 0) & (ext > tau)).nonzero().squeeze(1)
     m, j, ext = m.index_select(0, ok), j.index_select(0, ok), ext.index_select(0, ok)
