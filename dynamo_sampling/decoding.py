@@ -94,6 +94,7 @@ class Proposal:
     guess_joint: Optional[torch.Tensor] = None
     guess_joint_q: Optional[torch.Tensor] = None
     guess_lookup: Optional[torch.Tensor] = None
+    accept: Optional[torch.Tensor] = None  # (B, H-1) float64: the joint draft's acceptance estimates
 
 
 class _Decoder:
@@ -266,7 +267,28 @@ class _Decoder:
         self.step_heads = self.heads
         if self.lazy and (not joint or not bool((active & ~use & (prop.n > 1)).any())):
             self.step_heads = 1
+        if B > 1 and self.cost is not None and not self.static:  # static: the width is W whatever is fed
+            self._cap_to_batch(prop, use, active)
         return prop
+
+    def _cap_to_batch(self, prop: Proposal, use, active):
+        """A batch feeds as many columns as its longest draft, and every row pays for them: cap all
+        drafts at the width w that maximises the batch's expected kept tokens per unit of the cost of
+        feeding w columns (each row sized itself as if the batch fed its own width). Reads only the
+        acceptance estimates the drafts were sized with (made before any token was drawn)."""
+        B, W, dev = self.B, self.W, self.dev
+        acc = torch.zeros(B, W - 1, dtype=torch.float64, device=dev)  # the fed draft's, token j = 1..W-1
+        if prop.accept is not None:
+            acc[:, :prop.accept.shape[1]] = prop.accept
+        if use is not None:
+            look = self._lookup_accept
+            acc[:, :look.shape[1]] = torch.where(use[:, None], look, acc[:, :look.shape[1]])
+        acc = torch.where(torch.arange(1, W, device=dev)[None] < prop.n[:, None], acc, 0.0)  # beyond a draft: 0
+        kept = 1.0 + torch.cat([acc.new_zeros(B, 1), acc.clamp(0, 1).cumprod(1).cumsum(1)], dim=1)  # (B, W)
+        total = (kept * active[:, None]).sum(0)  # (W,): every row fed min(its n, w) tokens, w = 1..W
+        cost = self.cost if self.step_heads > 1 else self.cost_lookup
+        best = int((total / cost[:W]).argmax()) + 1
+        prop.n = prop.n.clamp(max=best)
 
     def _catch_up_heads(self):
         """Heads 2..H on the positions that head-1-only forwards skipped, from the saved stem
@@ -307,6 +329,7 @@ class _Decoder:
             acc = torch.cat([self.joint_ev.first_rate(acc[:, 0])[:, None], self.joint_ev.cont_rate(acc[:, 1:])],
                             dim=1)
             d_len, value = size_drafts(acc, jn - 1, self.cost)
+            prop.accept = acc
             if self.sp.do_sample:  # the choice against lookup must not read the drawn tokens
                 value = size_drafts(acc[:, :1].expand_as(acc), jn - 1, self.cost)[1]
             jn = 1 + d_len
@@ -331,7 +354,9 @@ class _Decoder:
             return draft, dlen, dlen, dlen.double()
         j = torch.arange(1, D + 1, device=dev)
         acc = torch.where(j[None] == 1, self.lookup_ev.first_rate()[:, None], self.lookup_ev.cont_rate()[:, None])
-        ld, value = size_drafts(torch.where(j[None] <= dlen[:, None], acc, 0.0), dlen, self.cost_lookup)
+        acc = torch.where(j[None] <= dlen[:, None], acc, 0.0)
+        ld, value = size_drafts(acc, dlen, self.cost_lookup)
+        self._lookup_accept = acc
         return draft, dlen, ld, value
 
     def _use_lookup(self, prop: Proposal, draft, ld, use):

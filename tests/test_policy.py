@@ -166,14 +166,18 @@ def test_speculative_grid_draft_equals_candidate_path(H, use_stats):
     candidate path's tokens, lengths and draft conditionals (greedy), with penalties and caps."""
     rng = np.random.default_rng(H)
     V = 40
-    stats = CooccurrenceStats.build([rng.integers(0, V, 20000)], vocab_size=V, max_order=max(H, 2)) if use_stats else None
+    stats = None
+    if use_stats:
+        stats = CooccurrenceStats.build([rng.integers(0, V, 20000)], vocab_size=V, max_order=max(H, 2))
     emitted = 0
     for seed in range(4):
         g = torch.Generator().manual_seed(10 * H + seed)
         B = 9
         logits = torch.randn(B, H, V, generator=g) * 2.5
-        first = logits[:, 0].topk(7, -1).indices[torch.arange(B), torch.randint(0, 7, (B,), generator=g)]  # 2 of 7 outside k
-        kw = {"seen_tokens": torch.rand(B, V, generator=g) < 0.3, "max_tokens": torch.randint(1, H + 1, (B,), generator=g)}
+        pick = torch.randint(0, 7, (B,), generator=g)  # 2 of the 7 are outside the top-5
+        first = logits[:, 0].topk(7, -1).indices[torch.arange(B), pick]
+        kw = {"seen_tokens": torch.rand(B, V, generator=g) < 0.3,
+              "max_tokens": torch.randint(1, H + 1, (B,), generator=g)}
         for extra in ({}, kw):
             grid, ref = [dynamo_step(logits, DynamoConfig(k=5, eps_b=0.0, adaptive_threshold=False, candidates=c),
                                      stats=stats, first_tokens=first, **extra) for c in ("auto", "sparse")]

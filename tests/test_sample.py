@@ -469,3 +469,24 @@ def test_cuda_graph_decoding_equals_eager_on_gpu(strategy):
     b = sample(m, ids, mask, cuda_graph=True, **kw)
     assert torch.equal(a.sequences, b.sequences)
     assert torch.equal(a.steps, b.steps)
+
+
+def test_batch_drafts_are_capped_at_the_width_that_pays_for_the_batch():
+    """A batch feeds its longest draft's width to every row: _cap_to_batch keeps the width with the
+    most expected kept tokens per unit of cost, summed over the active rows."""
+    from types import SimpleNamespace
+    from dynamo_sampling.decoding import Proposal, _Decoder
+
+    def cap(cost, accept, n):
+        table = torch.tensor(cost, dtype=torch.float64)
+        me = SimpleNamespace(B=3, W=5, dev=torch.device("cpu"), step_heads=1, cost=table, cost_lookup=table,
+                             _lookup_accept=torch.tensor(accept, dtype=torch.float64))
+        prop = Proposal(torch.zeros(3, 5, dtype=torch.long), torch.tensor(n))
+        _Decoder._cap_to_batch(me, prop, torch.tensor([True, True, False]), torch.tensor([True, True, False]))
+        return prop.n.tolist()
+
+    unlikely = [[0.2] * 4, [0.0] * 4, [0.9] * 4]
+    assert cap([1.0, 1.5, 2.0, 2.5, 3.0], unlikely, [5, 1, 5]) == [1, 1, 1]  # the draft does not pay for 2 rows
+    likely = [[0.95] * 4, [0.0] * 4, [0.0] * 4]
+    assert cap([1.0, 1.05, 1.1, 1.15, 1.2], likely, [5, 1, 0]) == [5, 1, 0]  # it does
+    assert cap([1.0, 1.05, 1.1, 1.5, 3.0], likely, [5, 1, 3]) == [3, 1, 3]  # up to where the cost jumps
