@@ -540,8 +540,9 @@ def dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats: Optional
 def _may_pass(p, n: int, tau: float, active) -> bool:
     """Whether any active row's top cell of order ``n`` passes the static threshold: no cell can when
     the product of the heads' top probabilities does not (multiplied in the candidates' order, so
-    float rounding keeps it an upper bound). One host sync; skipping saves the candidate search."""
-    if tau <= 0:
+    float rounding keeps it an upper bound). One host sync, so only on a CPU, where syncs are free and
+    skipping saves the candidate search; elsewhere the search runs and finds nothing."""
+    if tau <= 0 or p.device.type != "cpu":
         return True
     bound = p[:, 0, 0]
     for h in range(1, n):
