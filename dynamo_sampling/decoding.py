@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from .drafting import STEP_COST, DraftConfig, Evidence, size_drafts, step_cost_tables
+from .drafting import STEP_COST, DraftConfig, Evidence, expected_kept, size_drafts, step_cost_tables
 from .graphs import GraphedForward
 from .lookup import LookupConfig, NgramIndex
 from .policy import DynamoConfig, dynamo_step
@@ -259,7 +259,7 @@ class _Decoder:
                 joint_value = self._joint_draft(prop, first, remaining)
         use = None
         if lookup is not None:
-            draft, dlen, ld, value = lookup
+            draft, dlen, ld, value, _ = lookup
             use = (value > joint_value) & (ld > 0)
             self._use_lookup(prop, draft, ld, use)
         prop.n = torch.where(active, prop.n, 0)
@@ -268,27 +268,25 @@ class _Decoder:
         if self.lazy and (not joint or not bool((active & ~use & (prop.n > 1)).any())):
             self.step_heads = 1
         if B > 1 and self.cost is not None and not self.static:  # static: the width is W whatever is fed
-            self._cap_to_batch(prop, use, active)
+            self._cap_to_batch(prop, None if lookup is None else lookup[4], use, active)
         return prop
 
-    def _cap_to_batch(self, prop: Proposal, use, active):
+    def _cap_to_batch(self, prop: Proposal, lookup_accept, use, active):
         """A batch feeds as many columns as its longest draft, and every row pays for them: cap all
         drafts at the width w that maximises the batch's expected kept tokens per unit of the cost of
         feeding w columns (each row sized itself as if the batch fed its own width). Reads only the
-        acceptance estimates the drafts were sized with (made before any token was drawn)."""
+        acceptance estimates the drafts were sized with (made before any token was drawn); no host sync."""
         B, W, dev = self.B, self.W, self.dev
         acc = torch.zeros(B, W - 1, dtype=torch.float64, device=dev)  # the fed draft's, token j = 1..W-1
         if prop.accept is not None:
             acc[:, :prop.accept.shape[1]] = prop.accept
         if use is not None:
-            look = self._lookup_accept
-            acc[:, :look.shape[1]] = torch.where(use[:, None], look, acc[:, :look.shape[1]])
-        acc = torch.where(torch.arange(1, W, device=dev)[None] < prop.n[:, None], acc, 0.0)  # beyond a draft: 0
-        kept = 1.0 + torch.cat([acc.new_zeros(B, 1), acc.clamp(0, 1).cumprod(1).cumsum(1)], dim=1)  # (B, W)
-        total = (kept * active[:, None]).sum(0)  # (W,): every row fed min(its n, w) tokens, w = 1..W
+            D = lookup_accept.shape[1]
+            acc[:, :D] = torch.where(use[:, None], lookup_accept, acc[:, :D])
+        acc = torch.where(self.ar_w[None, 1:] < prop.n[:, None], acc, 0.0)  # beyond a row's draft: 0
+        total = (expected_kept(acc) * active[:, None]).sum(0)  # (W,): every row fed min(its n, w) tokens
         cost = self.cost if self.step_heads > 1 else self.cost_lookup
-        best = int((total / cost[:W]).argmax()) + 1
-        prop.n = prop.n.clamp(max=best)
+        prop.n = torch.minimum(prop.n, (total / cost[:W]).argmax() + 1)
 
     def _catch_up_heads(self):
         """Heads 2..H on the positions that head-1-only forwards skipped, from the saved stem
@@ -344,20 +342,20 @@ class _Decoder:
         return value
 
     def _lookup_draft(self, prop: Proposal, first, remaining, active):
-        """The prompt-lookup draft after ``first``: (draft (B, D), its length, the sized length, value)."""
+        """The prompt-lookup draft after ``first``: (draft (B, D), its length, the sized length, value,
+        the acceptance estimates it was sized with (B, D) or None)."""
         dev = self.dev
         self.index.extend(first[:, None], active.long())
         draft, dlen = self.index.propose(max_len=remaining - 1, device=dev)  # (B, D), (B,)
         D = draft.shape[1]
         prop.guess_lookup = torch.where(dlen > 0, draft[:, 0], -1)
         if self.cost is None:
-            return draft, dlen, dlen, dlen.double()
+            return draft, dlen, dlen, dlen.double(), None
         j = torch.arange(1, D + 1, device=dev)
         acc = torch.where(j[None] == 1, self.lookup_ev.first_rate()[:, None], self.lookup_ev.cont_rate()[:, None])
         acc = torch.where(j[None] <= dlen[:, None], acc, 0.0)
         ld, value = size_drafts(acc, dlen, self.cost_lookup)
-        self._lookup_accept = acc
-        return draft, dlen, ld, value
+        return draft, dlen, ld, value, acc
 
     def _use_lookup(self, prop: Proposal, draft, ld, use):
         """Feed the lookup draft (its first ``ld`` tokens) in rows ``use``."""

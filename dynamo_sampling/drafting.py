@@ -165,13 +165,19 @@ def size_drafts(accept: torch.Tensor, cap: torch.Tensor, cost: torch.Tensor):
     unit of cost at that length).
     """
     B, D = accept.shape
-    surv = accept.double().clamp(0, 1).cumprod(1)  # (B, D)
-    kept = 1.0 + torch.cat([surv.new_zeros(B, 1), surv.cumsum(1)], dim=1)  # (B, D+1): 1 + d drafted
+    kept = expected_kept(accept)
     c = cost[:D + 1]
     worth = kept[:, 1:] * c[None, :D] > kept[:, :-1] * c[None, 1:]  # (B, D)
     worth &= torch.arange(1, D + 1, device=accept.device)[None] <= cap[:, None]
     length = worth.long().cumprod(1).sum(1)
     return length, kept.gather(1, length[:, None])[:, 0] / c[length]
+
+
+def expected_kept(accept: torch.Tensor) -> torch.Tensor:
+    """(B, D) acceptance estimates of draft tokens 1..D -> (B, D + 1) float64: expected tokens kept
+    when a row feeds its first token and d = 0..D draft tokens, ``1 + sum_{j<=d} prod_{i<=j} accept_i``."""
+    surv = accept.double().clamp(0, 1).cumprod(1)
+    return 1.0 + torch.cat([surv.new_zeros(accept.shape[0], 1), surv.cumsum(1)], dim=1)
 
 
 class Evidence:
