@@ -366,7 +366,7 @@ class CooccurrenceStats:
         if keys.numel() == 0:
             return ngrams, tabs, torch.zeros(q.shape, dtype=torch.int64, device=q.device)
         flat = q.reshape(-1)
-        idx = torch.searchsorted(keys, flat).clamp_(max=keys.numel() - 1)  # index_select: ~5x faster than [idx]
+        idx = torch.searchsorted(keys, flat).clamp_(max=keys.numel() - 1)  # index_select: ~4x faster than [idx]
         out = torch.where(keys.index_select(0, idx) == flat, counts.index_select(0, idx), 0)
         return ngrams, tabs, out.reshape(q.shape)
 

@@ -157,7 +157,7 @@ class Candidates:
         return Candidates(self.rows.index_select(0, at), self.idx.index_select(0, at), self.J.index_select(0, at))
 
 
-# On a CPU, ``x.index_select(0, i)`` is ~5x faster than ``x[i]`` (measured with torch 2.13): the
+# On a CPU, ``x.index_select(0, i)`` is ~4x faster than ``x[i]`` (benchmarks/bench_cpu_ops.py): the
 # helpers below gather through it, with several tensor indices folded into one flat one.
 def _at(x: torch.Tensor, rows: torch.Tensor, head, cols: torch.Tensor) -> torch.Tensor:
     """``x[rows, head, cols]`` of a contiguous (B, H, k) tensor; the indices broadcast together."""

@@ -145,11 +145,10 @@ def pack_linear(weight: torch.Tensor):
     """``weight`` (out, in) prepacked for oneDNN, or None where that does not pay or is not there.
 
     On a CPU, a bf16 ``F.linear`` reorders its weight into oneDNN's blocked layout on every call;
-    for the small matrices of a decode step that reorder is most of the call. Packing once makes
-    the matmuls 1.5-2.2x faster (measured on the 2-core AMD EPYC VM with avx512_bf16, torch 2.13:
-    256 x 1024 at 1 row 40 -> 25 us, the 8192-row unembedding 188 -> 87 us) with bit-identical
-    results (the same kernel). fp32 runs MKL, which packing does not speed up at 1-8 rows, and
-    accelerators have their own libraries: both get None."""
+    for the small matrices of a decode step that reorder is a large part of the call. Packing once
+    makes the layers' matmuls 1.3-1.5x and the unembedding 2.0-2.2x faster at 1-8 rows (~1.1x at
+    128) with bit-identical results (``benchmarks/bench_cpu_ops.py``, 2-core AMD EPYC VM with
+    avx512_bf16, torch 2.13). fp32 runs MKL and accelerators their own libraries: both get None."""
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
         return None
     try:
@@ -324,8 +323,8 @@ class TinyMTP(nn.Module):
 
         ``dtype`` (default: the weights', but float32 for a bf16 model on a CPU) is also the dtype the
         fast path computes attention in: on a CPU, bf16 attention at decode shapes measured ~3.5x
-        slower than float32 (67 vs 19 us, 1 query over 140 keys, 8 heads of 32, torch 2.13, 2-core
-        AMD EPYC VM), while float32 keys of a model this small cost little memory."""
+        slower than float32 (1 query over 140 keys, 8 heads of 32; ``benchmarks/bench_cpu_ops.py``,
+        torch 2.13, 2-core AMD EPYC VM), while float32 keys of a model this small cost little memory."""
         max_len = self.config.max_seq_len if max_len is None else max_len
         if max_len > self.config.max_seq_len:
             raise ValueError(f"cache max_len {max_len} exceeds the model's context {self.config.max_seq_len}")
@@ -441,8 +440,8 @@ class TinyMTP(nn.Module):
         key = (w.data_ptr(), w.dtype, w._version)
         if self._unembed_packed is None or self._unembed_packed[0] != key:  # (re)packed when the weight changed
             packed = pack_linear(w)
-            # fp32 on a CPU: x @ W^T through a transposed copy, 2.8x faster for 1 row (MKL, the 2-core AMD
-            # EPYC VM: 431 vs 1194 us for 8192 x 256; the same kernel at 8+ rows)
+            # fp32 on a CPU: x @ W^T through a transposed copy, ~3x faster at 1-3 rows and 1.3x at 8 with
+            # MKL on the 2-core AMD EPYC VM (benchmarks/bench_cpu_ops.py)
             wt = w.detach().t().contiguous() if packed is None and w.device.type == "cpu" and w.dtype == torch.float32 \
                 else None
             self._unembed_packed = (key, packed, wt)
