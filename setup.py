@@ -11,8 +11,9 @@ VERSION = re.search(r'^__version__ = "([^"]+)"', (CSRC.parent / "dynamo_sampling
 
 
 class build_py(_build_py):
-    """Also ship the repository's top-level ``csrc/*.cu`` / ``*.cuh`` (the CUDA kernels that
-    ``dynamo_sampling.kernels`` compiles at run time) inside the package, as ``dynamo_sampling/csrc/``.
+    """Also ship the repository's top-level ``csrc/*.cu`` / ``*.cuh`` / ``*.c`` (the CUDA kernels that
+    ``dynamo_sampling.kernels`` and the C policy that ``dynamo_sampling.cpu_policy`` compile at run time)
+    inside the package, as ``dynamo_sampling/csrc/``.
     Editable installs skip the copy: the loader falls back to the repository's ``csrc/``."""
 
     def run(self):
@@ -21,7 +22,7 @@ class build_py(_build_py):
             return
         dst = Path(self.build_lib) / "dynamo_sampling" / "csrc"
         self.mkpath(str(dst))
-        for src in sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cuh")):
+        for src in sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cuh")) + sorted(CSRC.glob("*.c")):
             self.copy_file(str(src), str(dst / src.name))
 
 
@@ -30,7 +31,7 @@ setup(
     version=VERSION,
     description="Dynamic multi-token sampling (DynaMo) and self-speculative decoding for MTP language models",
     packages=find_packages(include=["dynamo_sampling", "dynamo_sampling.*"]),
-    package_data={"dynamo_sampling": ["csrc/*.cu", "csrc/*.cuh", "pretrained/*"]},
+    package_data={"dynamo_sampling": ["csrc/*.cu", "csrc/*.cuh", "csrc/*.c", "pretrained/*"]},
     cmdclass={"build_py": build_py},
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy>=1.24", "safetensors>=0.4", "tokenizers>=0.15", "tqdm>=4.60"],

@@ -105,17 +105,23 @@ def measure(model, stats, prompt, batch: int, repeats: int, device) -> dict:
         "before: forward head 1, T=1": loop_forward(1, 1, True),
         f"before: forward heads 1..{H}, T=1": loop_forward(H, 1, True),
         f"before: forward heads 1..{H}, T={H}": loop_forward(H, H, True),
-        # as the loop calls it: no boundary checks (sample() checked its inputs once)
-        "policy sampled, eps_b 0.03, statistics": lambda: dynamo_step(
-            logits, DynamoConfig(eps_b=0.03), stats=stats, do_sample=True, temperature=0.7, top_k=50, generator=gen,
-            validate=False),
-        "policy sampled, eps_b 0, statistics": lambda: dynamo_step(
-            logits, DynamoConfig(eps_b=0.0), stats=stats, do_sample=True, temperature=0.7, top_k=50, generator=gen,
-            validate=False),
-        "policy speculative draft (greedy, k=10)": lambda: dynamo_step(
-            logits, DynamoConfig(k=10, eps_b=0.0, adaptive_threshold=False), stats=stats, first_tokens=first,
-            validate=False),
     }
+
+    def policies(impl: str, tag: str) -> dict:
+        # as the loop calls it: no boundary checks (sample() checked its inputs once)
+        return {
+            f"policy sampled, eps_b 0.03, statistics{tag}": lambda: dynamo_step(
+                logits, DynamoConfig(eps_b=0.03, impl=impl), stats=stats, do_sample=True, temperature=0.7, top_k=50,
+                generator=gen, validate=False),
+            f"policy sampled, eps_b 0, statistics{tag}": lambda: dynamo_step(
+                logits, DynamoConfig(eps_b=0.0, impl=impl), stats=stats, do_sample=True, temperature=0.7, top_k=50,
+                generator=gen, validate=False),
+            f"policy speculative draft (greedy, k=10){tag}": lambda: dynamo_step(
+                logits, DynamoConfig(k=10, eps_b=0.0, adaptive_threshold=False, impl=impl), stats=stats,
+                first_tokens=first, validate=False),
+        }
+    fns.update(policies("auto", ""))  # the C policy where it compiled
+    fns.update(policies("torch", " (torch)"))  # the torch reference beside it
     parts = interleaved(fns, repeats, device)
 
     # whole steps through sample(): the difference between 33 and 1 new tokens, per step
@@ -123,7 +129,12 @@ def measure(model, stats, prompt, batch: int, repeats: int, device) -> dict:
         "step ar": dict(strategy="ar"),
         "step dynamo sampled, eps_b 0.03": dict(strategy="dynamo", do_sample=True, eps_b=0.03),
         "step dynamo sampled, eps_b 0, statistics": dict(strategy="dynamo", do_sample=True, eps_b=0.0),
+        "step dynamo sampled, eps_b 0.03 (torch policy)": dict(strategy="dynamo", do_sample=True, eps_b=0.03,
+                                                              impl="torch"),
+        "step dynamo sampled, eps_b 0, statistics (torch policy)": dict(strategy="dynamo", do_sample=True, eps_b=0.0,
+                                                                       impl="torch"),
         "step speculative greedy": dict(strategy="speculative"),
+        "step speculative greedy (torch policy)": dict(strategy="speculative", impl="torch"),
         "step lookup greedy": dict(strategy="lookup"),
     }
     step_fns, step_counts = {}, {}
@@ -158,6 +169,11 @@ def ratios(p: dict, H: int) -> dict:
         "dynamo sampled step eps_b 0.03 / ar step": p["step dynamo sampled, eps_b 0.03"] / p["step ar"],
         "dynamo sampled step eps_b 0 + statistics / ar step": p["step dynamo sampled, eps_b 0, statistics"] / p["step ar"],
         "speculative greedy step / ar step": p["step speculative greedy"] / p["step ar"],
+        "torch policy: dynamo sampled step eps_b 0.03 / ar step":
+            p["step dynamo sampled, eps_b 0.03 (torch policy)"] / p["step ar"],
+        "torch policy: dynamo sampled step eps_b 0 + statistics / ar step":
+            p["step dynamo sampled, eps_b 0, statistics (torch policy)"] / p["step ar"],
+        "torch policy: speculative greedy step / ar step": p["step speculative greedy (torch policy)"] / p["step ar"],
         "lookup greedy step / ar step": p["step lookup greedy"] / p["step ar"],
     }
 

@@ -74,6 +74,10 @@ class DynamoConfig:
     # "sparse" (fast path), "dense" (the k**n reference) or "auto": sparse unless nothing prunes
     # (tau_n = 0 and no statistics), where the plain grid is ~3x cheaper. Same tokens either way.
     candidates: str = "auto"
+    # "auto": on a CPU, everything after the top-k lists in one C call (cpu_policy.py) where the C
+    # compiler built it and candidates is "auto"; else torch. "torch": always torch (the reference).
+    # "c": the C path (an error where it is unavailable). Greedy tokens agree; sampled draws differ.
+    impl: str = "auto"
 
     def validate(self):
         """Check every field's type and range (``TypeError`` / ``ValueError`` naming it); numpy
@@ -115,6 +119,8 @@ class DynamoConfig:
             raise ValueError(f"otsu_bins must be >= 2, got {self.otsu_bins}")
         if self.candidates not in ("auto", "sparse", "dense"):
             raise ValueError(f"candidates must be 'auto', 'sparse' or 'dense', got {self.candidates!r}")
+        if not isinstance(self.impl, str) or self.impl not in ("auto", "torch", "c"):
+            raise ValueError(f"impl must be 'auto', 'torch' or 'c', got {self.impl!r}")
 
 
 @dataclass
@@ -488,7 +494,13 @@ def dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats: Optional
     tokens = torch.full((B, H), -1, dtype=torch.long, device=dev)
     n_out = torch.ones(B, dtype=torch.long, device=dev)
     draft = torch.zeros(B, H, k, dtype=torch.float32, device=dev) if first_tokens is not None else None
-    for n in range(H, 1, -1):
+    orders = range(H, 1, -1)
+    if _c_path(cfg, dev, use_stats, H):  # the orders H..2 in one C call instead of the loop below
+        from . import cpu_policy
+        cpu_policy.run(p, topk_ids, penal, first_idx, undecided, max_tokens, cfg, use_stats, do_sample, generator,
+                       tokens, n_out, draft)
+        orders = ()
+    for n in orders:
         active = undecided if max_tokens is None else undecided & (max_tokens >= n)
         if grid:
             _draft_from_grid(p, topk_ids, n, use_stats, cfg.alpha_c, first_idx, active, penal, do_sample, generator,
@@ -535,6 +547,22 @@ def dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats: Optional
         first = head_logits[:, 0].argmax(-1)
     tokens[:, 0] = torch.where(single, first, tokens[:, 0])
     return StepOutput(tokens, n_out, topk_ids, draft)
+
+
+def _c_path(cfg: DynamoConfig, dev: torch.device, stats, H: int) -> bool:
+    """Whether this step runs its orders H..2 in C (``DynamoConfig.impl``)."""
+    if cfg.impl == "torch" or H < 2:
+        return False
+    from . import cpu_policy
+    if cfg.impl == "c":
+        if dev.type != "cpu" or not cpu_policy.supports(stats) or H > 16:
+            raise ValueError(f"impl='c' needs CPU tensors, at most 16 heads and statistics with tables (or none); "
+                             f"got device {dev}, H={H}, statistics {type(stats).__name__}")
+        if not cpu_policy.available():
+            raise RuntimeError(f"impl='c': the C policy is unavailable: {cpu_policy.build_error()}")
+        return True
+    return (dev.type == "cpu" and cfg.candidates == "auto" and H <= 16 and cpu_policy.supports(stats)
+            and cpu_policy.available())
 
 
 def _may_pass(p, n: int, tau: float, active) -> bool:

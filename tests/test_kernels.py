@@ -199,13 +199,15 @@ def test_csrc_dir_prefers_installed_package_data(tmp_path, monkeypatch):
         kernels.csrc_dir()
 
 
-def test_build_py_ships_the_cuda_sources(tmp_path):
+def test_build_py_ships_the_cuda_and_c_sources(tmp_path):
     out = tmp_path / "build"
     r = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     shipped = out / "dynamo_sampling" / "csrc"
-    for f in list(CSRC.glob("*.cu")) + list(CSRC.glob("*.cuh")):
+    sources = list(CSRC.glob("*.cu")) + list(CSRC.glob("*.cuh")) + list(CSRC.glob("*.c"))
+    assert "dynamo_policy_cpu.c" in [f.name for f in sources]
+    for f in sources:
         assert (shipped / f.name).read_bytes() == f.read_bytes()
 
 

@@ -179,8 +179,11 @@ def test_speculative_grid_draft_equals_candidate_path(H, use_stats):
         kw = {"seen_tokens": torch.rand(B, V, generator=g) < 0.3,
               "max_tokens": torch.randint(1, H + 1, (B,), generator=g)}
         for extra in ({}, kw):
-            grid, ref = [dynamo_step(logits, DynamoConfig(k=5, eps_b=0.0, adaptive_threshold=False, candidates=c),
-                                     stats=stats, first_tokens=first, **extra) for c in ("auto", "sparse")]
+            grid, ref, c_path = [dynamo_step(logits, DynamoConfig(k=5, eps_b=0.0, adaptive_threshold=False, candidates=c,
+                                                                  impl=i), stats=stats, first_tokens=first, **extra)
+                                 for c, i in (("auto", "torch"), ("sparse", "torch"), ("auto", "c"))]
+            assert torch.equal(c_path.tokens, ref.tokens) and torch.equal(c_path.n, ref.n)
+            assert torch.allclose(c_path.draft_probs, ref.draft_probs, atol=1e-6)
             assert torch.equal(grid.tokens, ref.tokens) and torch.equal(grid.n, ref.n)
             assert torch.allclose(grid.draft_probs, ref.draft_probs, atol=1e-6)
             emitted += int((ref.n > 1).sum())
@@ -194,7 +197,7 @@ def test_speculative_grid_draft_samples_the_joint():
     stats = CooccurrenceStats.build([rng.integers(0, V, 5000)], vocab_size=V, max_order=3)
     logits = (torch.randn(1, 3, V, generator=torch.Generator().manual_seed(3)) * 1.5).expand(40000, 3, V)
     first = logits[:, 0].argmax(-1)
-    cfg = DynamoConfig(k=6, eps_b=0.0, adaptive_threshold=False)
+    cfg = DynamoConfig(k=6, eps_b=0.0, adaptive_threshold=False, impl="torch")
     out = dynamo_step(logits, cfg, stats=stats, do_sample=True, generator=torch.Generator().manual_seed(0),
                       first_tokens=first)
     ref = dynamo_step(logits[:1], DynamoConfig(**{**cfg.__dict__, "candidates": "sparse"}), stats=stats,
@@ -212,7 +215,7 @@ def test_skipping_orders_no_cell_can_pass_changes_nothing(stats_b_after_a, eps_b
     stats, a, b = stats_b_after_a
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(40, 3, stats.vocab_size, generator=g) * torch.rand(40, 1, 1, generator=g) * 6
-    cfg = DynamoConfig(k=12, eps_b=eps_b)
+    cfg = DynamoConfig(k=12, eps_b=eps_b, impl="torch")  # the torch path's order skip
 
     def run():  # row by row (B = 1), where a skipped order is skipped for the whole batch
         outs = [dynamo_step(logits[i:i + 1], cfg, stats=stats, do_sample=do_sample,

@@ -57,6 +57,23 @@ def test_short_training_lowers_every_head_loss(tiny_data, tmp_path, recipe):
     assert np.mean(best["val"]) == min(vals) and (tmp_path / "best" / "model.safetensors").is_file()
 
 
+def test_zero_stem_lr_freezes_stem_and_head_1(tiny_data, tmp_path):
+    """stem_lr_scale = 0 in phase 2: stem + head 1 keep their weights exactly (no gradients are even
+    computed for them), heads 2..H learn."""
+    torch.set_num_threads(1)
+    first = TrainConfig(data_dir=str(tiny_data), out_dir=str(tmp_path / "a"), steps=4, pretrain_fraction=1.0,
+                        batch_size=4, seq_len=16, warmup_steps=1, eval_every=1000, checkpoint_every=1000,
+                        eval_batches=1, model=MODEL)
+    train(first, progress=False)
+    before = TinyMTP.from_pretrained(str(tmp_path / "a" / "final")).state_dict()
+    cfg = TrainConfig(**{**first.__dict__, "out_dir": str(tmp_path / "b"), "pretrain_fraction": 0.0, "steps": 4,
+                         "stem_lr_scale": 0.0, "distill": 0.5, "model": {}, "init_from": str(tmp_path / "a" / "final")})
+    after = train(cfg, progress=False)["model"].state_dict()
+    for name, w in before.items():
+        new_head = name.startswith(("head_layers.", "head_norms.")) and int(name.split(".")[1]) > 0
+        assert torch.equal(after[name], w) != new_head, name
+
+
 def test_resume_continues_from_checkpoint(tiny_data, tmp_path):
     torch.set_num_threads(1)
     base = dict(data_dir=str(tiny_data), out_dir=str(tmp_path), steps=12, pretrain_fraction=0.5, batch_size=4,
