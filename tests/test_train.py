@@ -126,6 +126,26 @@ def test_distillation_gradient_is_that_of_the_kl_to_head_1():
         train(TrainConfig(distill=1.5), progress=False)
 
 
+def test_argmax_distillation_gradient_is_that_of_the_ce_to_head_1s_top_token():
+    """distill_target="argmax": heads 2..H learn (1-a) CE(data) + a CE(head 1's argmax at t+h-1)."""
+    torch.manual_seed(0)
+    m = TinyMTP(TinyMTPConfig(vocab_size=50, **MODEL))
+    x = torch.randint(0, 50, (2, 19))
+    a, T, F = 0.6, 16, torch.nn.functional
+    head_losses(m, x, 3, distill=a, distill_target="argmax")
+    trick = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    logp = torch.log_softmax(m(x[:, :T], torch.arange(T).expand(2, T)), dim=-1)  # (B, T, H, V)
+    top = logp[:, :, 0].detach().argmax(-1)  # (B, T)
+    ce = [F.nll_loss(logp[:, :, h].reshape(-1, 50), x[:, h + 1:h + 1 + T].reshape(-1)) for h in range(3)]
+    hard = [F.nll_loss(logp[:, :T - h, h].reshape(-1, 50), top[:, h:].reshape(-1)) for h in range(3)]
+    ((ce[0] + sum((1 - a) * ce[h] + a * hard[h] for h in (1, 2))) / 3).backward()
+    for n, p in m.named_parameters():
+        assert torch.allclose(p.grad, trick[n], atol=1e-6), n
+    with pytest.raises(ValueError, match="distill_target must be 'soft' or 'argmax', got 'hard'"):
+        train(TrainConfig(distill_target="hard"), progress=False)
+
+
 def test_init_from_starts_from_a_saved_model(tiny_data, tmp_path):
     torch.manual_seed(0)
     start = TinyMTP(TinyMTPConfig(vocab_size=64, **MODEL))
