@@ -188,6 +188,7 @@ typedef struct {
     const int64_t *const *keys;   /* per order n (index n), sorted */
     const int64_t *const *counts;
     const int64_t *nkeys;
+    const int64_t *const *first_start;  /* per order n: (V + 1,) where the keys of each first token start */
     const double *p1;        /* (V,) unigram frequencies */
     const double *totals;    /* per order n: T_n */
     double alpha_c;
@@ -220,9 +221,9 @@ static int row_step(const Args *a, int64_t b, int n, Level *lv, Level *nx, Level
         if (first >= 0 && i != first) continue;
         if (!(p[i] > tau)) continue;
         int64_t lo = 0, hi = 0;
-        if (keys) {  /* [x0 * stride, (x0 + 1) * stride - 1] */
-            lo = lower_bound(keys, 0, a->nkeys[n], ids[i] * stride[0]);
-            hi = upper_bound(keys, lo, a->nkeys[n], ids[i] * stride[0] + (stride[0] - 1));
+        if (keys) {  /* keys in [x0 * stride, (x0 + 1) * stride): from the first-token index */
+            lo = a->first_start[n][ids[i]];
+            hi = a->first_start[n][ids[i] + 1];
             if (lo == hi) continue;
         }
         if (level_reserve(lv, lv->n + 1)) return -1;
@@ -379,11 +380,12 @@ static int row_step(const Args *a, int64_t b, int n, Level *lv, Level *nx, Level
 int dynamo_policy(int64_t B, int64_t H, int64_t k, int64_t V, const float *p, const int64_t *ids,
                   const float *penal, const int64_t *first_idx, const int64_t *max_tokens,
                   const uint8_t *active_in, const double *tau, int use_stats, const int64_t *const *keys,
-                  const int64_t *const *counts, const int64_t *nkeys, const double *p1, const double *totals,
+                  const int64_t *const *counts, const int64_t *nkeys, const int64_t *const *first_start,
+                  const double *p1, const double *totals,
                   double alpha_c, int adaptive, int use_blur, double blur_sigma, int bins, int do_sample,
                   uint64_t seed, int64_t *tokens, int64_t *n_out, float *draft) {
     Args a = {B, H, k, V, p, ids, penal, first_idx, max_tokens, active_in, tau, use_stats, keys, counts, nkeys,
-              p1, totals, alpha_c, adaptive, use_blur, bins, blur_sigma, do_sample, seed, tokens, n_out, draft};
+              first_start, p1, totals, alpha_c, adaptive, use_blur, bins, blur_sigma, do_sample, seed, tokens, n_out, draft};
     if (H > 16) return -2;
     Level lv = {0}, nx = {0}, sc = {0};
     double side = exp(-1.0 / (2.0 * blur_sigma * blur_sigma));

@@ -80,7 +80,7 @@ def _load():
         return None, f"building or loading {SOURCE} failed: {e}"
     fn = so.dynamo_policy
     i64, ptr, cint, dbl = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
-    fn.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, cint, ptr, ptr, ptr, ptr, ptr, dbl,
+    fn.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, cint, ptr, ptr, ptr, ptr, ptr, ptr, dbl,
                    cint, cint, dbl, cint, cint, ctypes.c_uint64, ptr, ptr, ptr]
     fn.restype = cint
     return so, None
@@ -109,14 +109,18 @@ def _tables(stats):
     hit = _TABLES.get(id(tabs))
     if hit is not None and hit[0] is tabs:
         return hit[1]
-    N = stats.max_order + 1
-    keys, counts = (ctypes.c_void_p * N)(), (ctypes.c_void_p * N)()
+    N, V = stats.max_order + 1, stats.vocab_size
+    keys, counts, starts = (ctypes.c_void_p * N)(), (ctypes.c_void_p * N)(), (ctypes.c_void_p * N)()
     nkeys, totals = (ctypes.c_int64 * N)(), (ctypes.c_double * N)()
+    index = []  # per order: where the keys of each first token start (V + 1,), so no search over the whole table
     for n, t in tabs["keys"].items():
         keys[n], counts[n], nkeys[n] = t.data_ptr(), tabs["counts"][n].data_ptr(), t.numel()
+        first = torch.searchsorted(t, torch.arange(V, dtype=torch.int64) * V ** (n - 1))
+        index.append(torch.cat([first, torch.tensor([t.numel()])]).contiguous())
+        starts[n] = index[-1].data_ptr()
     for n, T in stats.totals.items():
         totals[n] = float(T)
-    arrays = (keys, counts, nkeys, totals, tabs["p1"].data_ptr())
+    arrays = (keys, counts, nkeys, starts, totals, tabs["p1"].data_ptr(), index)
     if len(_TABLES) >= 8:
         _TABLES.clear()
     _TABLES[id(tabs)] = (tabs, arrays)
@@ -146,11 +150,11 @@ def run(p, ids, penal, first_idx, active, max_tokens, cfg, stats, do_sample: boo
     tau = (ctypes.c_double * (H + 1))(*[cfg.eps_b ** (n - 1) if n else 1.0 for n in range(H + 1)])
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator)) if do_sample else 0
     if stats is not None:
-        keys, counts, nkeys, totals, p1 = _tables(stats)
+        keys, counts, nkeys, starts, totals, p1, _ = _tables(stats)
     else:
-        keys = counts = nkeys = totals = p1 = None
+        keys = counts = nkeys = starts = totals = p1 = None
     rc = so.dynamo_policy(B, H, k, V, p.data_ptr(), ids.data_ptr(), _ptr(penal), _ptr(first_idx), _ptr(max_tokens),
-                          act.data_ptr(), tau, int(stats is not None), keys, counts, nkeys, p1, totals,
+                          act.data_ptr(), tau, int(stats is not None), keys, counts, nkeys, starts, p1, totals,
                           float(cfg.alpha_c), int(cfg.adaptive_threshold), int(cfg.blur), float(cfg.blur_sigma),
                           int(cfg.otsu_bins), int(do_sample), seed, tokens.data_ptr(), n_out.data_ptr(),
                           _ptr(draft))
