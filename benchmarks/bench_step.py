@@ -146,7 +146,7 @@ def measure(model, stats, prompt, batch: int, repeats: int, device) -> dict:
                              **{k: v for k, v in kw.items() if k != "strategy"})
                 step_counts[(name, n)] = int(out.steps.max())
             step_fns[(name, n)] = run
-    st = interleaved(step_fns, max(5, repeats // 4), device)
+    st = interleaved(step_fns, max(5, repeats // 2), device)
     for name in steps_cfg:
         tok = 32 * batch
         steps = step_counts[(name, 33)] - step_counts[(name, 1)]
