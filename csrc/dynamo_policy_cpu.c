@@ -29,25 +29,21 @@ typedef struct {
     int64_t n, cap;
 } Level;
 
+static int grow(void **ptr, int64_t cap, size_t size) {
+    void *q = realloc(*ptr, (size_t)cap * size);
+    if (!q) return -1;
+    *ptr = q;
+    return 0;
+}
+
 static int level_reserve(Level *l, int64_t need) {
     if (need <= l->cap) return 0;
     int64_t cap = l->cap ? l->cap : 256;
     while (cap < need) cap *= 2;
-    int64_t *c = (int64_t *)realloc(l->cell, (size_t)cap * sizeof(int64_t));
-    if (!c) return -1;
-    l->cell = c;
-    int64_t *k = (int64_t *)realloc(l->key, (size_t)cap * sizeof(int64_t));
-    if (!k) return -1;
-    l->key = k;
-    int64_t *lo = (int64_t *)realloc(l->lo, (size_t)cap * sizeof(int64_t));
-    if (!lo) return -1;
-    l->lo = lo;
-    int64_t *hi = (int64_t *)realloc(l->hi, (size_t)cap * sizeof(int64_t));
-    if (!hi) return -1;
-    l->hi = hi;
-    float *v = (float *)realloc(l->val, (size_t)cap * sizeof(float));
-    if (!v) return -1;
-    l->val = v;
+    if (grow((void **)&l->cell, cap, sizeof(int64_t)) || grow((void **)&l->key, cap, sizeof(int64_t))
+        || grow((void **)&l->lo, cap, sizeof(int64_t)) || grow((void **)&l->hi, cap, sizeof(int64_t))
+        || grow((void **)&l->val, cap, sizeof(float)))
+        return -1;
     l->cap = cap;
     return 0;
 }
