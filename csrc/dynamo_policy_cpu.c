@@ -6,10 +6,11 @@
  * policy.dynamo_step computes them. Per row, for n = H .. 2 until the row emits:
  *   cells (i_0 .. i_{n-1}) in row-major order with J = ((p_0 * p_1) * ...) > tau_n (float32, as torch),
  *   grown head by head (a prefix whose product is <= tau_n cannot pass: every factor is <= 1);
- *   with statistics, a prefix is extended only by continuations its (h+1)-gram table holds (one
- *   key range per prefix, found by binary search) and the full n-gram's count gives the weight;
+ *   with statistics, every prefix carries the key range of the n-gram table that starts with it (a
+ *   first-token index, then binary searches inside the parent's range, a rank-map scan at the last
+ *   head), an empty range drops it, and the full n-gram's count gives the weight;
  *   optional 3-tap blur (dense grid or binary search among the row's cells, as the reference picks),
- *   Otsu threshold (256 bins, float64 histogram sums), repetition penalty, then the first maximum of J
+ *   Otsu threshold (float64 histogram sums), repetition penalty, then the first maximum of J
  *   (greedy) or of J / E, E ~ Exp(1) from a counter-based hash of (seed, row, n, cell) (sampled), and
  *   the draft conditionals along the chosen cell (speculative).
  * Everything in float32 is computed in the reference's order, so without blur the cells, J, the
