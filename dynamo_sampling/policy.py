@@ -40,6 +40,13 @@ cost-sized draft (first token fixed, ``eps_b = 0``, no adaptive threshold) skips
 list: :func:`_draft_from_grid` scores the ``k**(n-1)`` cells after the first token as one grid per
 row, with the same tokens, lengths and draft conditionals (compared in the tests).
 
+On a CPU, everything after the top-k lists (the orders H..2 above, with statistics, blur, Otsu,
+penalty, choice and draft conditionals) runs as one C call by default (:mod:`.cpu_policy`,
+``csrc/dynamo_policy_cpu.c``; ``DynamoConfig.impl``): the same cells in the same order with the same
+float32 arithmetic, so greedy decisions match this module's (the tests compare them row by row);
+sampled draws come from the C code's own counter-based noise. The code here is the reference and the
+path on other devices.
+
 Speculative decoding passes ``first_tokens``: the first token is already fixed (drawn exactly
 from head 1), candidates are restricted to cells that start with it, and the policy returns the
 conditional draft distributions ``q(x_j | x_1..x_{j-1})`` that rejection sampling needs.
