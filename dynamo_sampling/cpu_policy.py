@@ -36,12 +36,8 @@ FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off"]
 
 
 def _source() -> Path:
-    here = Path(__file__).resolve().parent
-    for cand in (here / "csrc" / SOURCE, here.parent / "csrc" / SOURCE):
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"{SOURCE} not found in {here / 'csrc'} (installed package data) "
-                            f"nor in {here.parent / 'csrc'} (repository checkout)")
+    from .kernels import csrc_dir  # the CUDA glue's lookup of csrc/ (installed package data or checkout)
+    return csrc_dir((SOURCE,)) / SOURCE
 
 
 def _compiler() -> Optional[str]:

@@ -118,8 +118,7 @@ class _Decoder:
         self.index = NgramIndex(input_ids, mask, lookup) if uses_lookup else None
         # heads on demand pay where the joint is evaluated on some steps only (drafts sized by cost, which
         # skips it when lookup's draft must win); DynaMo's thresholds evaluate it every step, and there a
-        # catch-up call per step cost more than running all heads in every forward (measured 1.10x slower
-        # at eps_b 0.1, 1.03x at 0.03; 4 % faster by cost: 8 held-out prompts, paired in one process)
+        # separate catch-up call per step costs more than running all heads in every forward
         self.lazy = (strategy == "speculative" and uses_lookup and self.H > 1 and hasattr(model, "extra_heads")
                      and draft.size_by == "cost")
         self.W = {"ar": 1, "dynamo": self.H, "lookup": 1 + lookup.max_draft,

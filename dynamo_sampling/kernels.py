@@ -157,13 +157,14 @@ def _require_cuda(tensor: torch.Tensor, what: str):
 # ---------------------------------------------------------------- sources
 
 
-def csrc_dir() -> Path:
-    """Folder of the ``.cu`` files: the installed package data, else the repository's ``csrc/``."""
+def csrc_dir(sources=SOURCES) -> Path:
+    """Folder of the ``sources`` (default: the ``.cu`` files): the installed package data, else the
+    repository's ``csrc/`` (also used by :mod:`.cpu_policy` for its C file)."""
     here = Path(__file__).resolve().parent
     for cand in (here / "csrc", here.parent / "csrc"):
-        if all((cand / s).is_file() for s in SOURCES):
+        if all((cand / s).is_file() for s in sources):
             return cand
-    raise FileNotFoundError(f"CUDA sources {SOURCES} not found in {here / 'csrc'} (installed package data) "
+    raise FileNotFoundError(f"sources {tuple(sources)} not found in {here / 'csrc'} (installed package data) "
                             f"nor in {here.parent / 'csrc'} (repository checkout)")
 
 

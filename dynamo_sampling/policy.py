@@ -61,6 +61,7 @@ from typing import Optional
 
 import torch
 
+from . import cpu_policy
 from .samplers import draw, head_probs
 from .samplers import exp1 as _exp1
 from .weights import CooccurrenceWeights, check_stats
@@ -503,7 +504,6 @@ def dynamo_step(head_logits: torch.Tensor, cfg: DynamoConfig, *, stats: Optional
     draft = torch.zeros(B, H, k, dtype=torch.float32, device=dev) if first_tokens is not None else None
     orders = range(H, 1, -1)
     if _c_path(cfg, dev, use_stats, H):  # the orders H..2 in one C call instead of the loop below
-        from . import cpu_policy
         cpu_policy.run(p, topk_ids, penal, first_idx, undecided, max_tokens, cfg, use_stats, do_sample, generator,
                        tokens, n_out, draft)
         orders = ()
@@ -560,7 +560,6 @@ def _c_path(cfg: DynamoConfig, dev: torch.device, stats, H: int) -> bool:
     """Whether this step runs its orders H..2 in C (``DynamoConfig.impl``)."""
     if cfg.impl == "torch" or H < 2:
         return False
-    from . import cpu_policy
     if cfg.impl == "c":
         if dev.type != "cpu" or not cpu_policy.supports(stats) or H > 16:
             raise ValueError(f"impl='c' needs CPU tensors, at most 16 heads and statistics with tables (or none); "

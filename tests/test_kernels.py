@@ -195,7 +195,7 @@ def test_csrc_dir_prefers_installed_package_data(tmp_path, monkeypatch):
     src = kernels.kernel_source("dynamo_step.cu")
     assert src.startswith(f'#line 1 "{(pkg / "csrc" / "dynamo_step.cu").resolve()}"')
     monkeypatch.setattr(kernels, "__file__", str(tmp_path / "empty" / "dynamo_sampling" / "kernels.py"))
-    with pytest.raises(FileNotFoundError, match="CUDA sources"):
+    with pytest.raises(FileNotFoundError, match="sources .* not found"):
         kernels.csrc_dir()
 
 
