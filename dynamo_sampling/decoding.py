@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from .drafting import STEP_COST, DraftConfig, Evidence, expected_kept, size_drafts, step_cost_tables
+from .drafting import STEP_COST, DraftConfig, Evidence, expected_kept, size_draft, size_drafts, step_cost_tables
 from .graphs import GraphedForward
 from .lookup import LookupConfig, NgramIndex
 from .policy import DynamoConfig, dynamo_step
@@ -82,8 +82,10 @@ class Proposal:
         (``q_probs`` over ``q_ids``), what rejection sampling needs.
     from_lookup : (B,) bool or None; rows whose draft came from the lookup index.
     guess_joint, guess_lookup : (B,) int64 or None; each drafter's first draft token (-1: none),
-        judged by head 1 at the first fed position whichever draft is fed (acceptance evidence).
+        judged by head 1 at the first fed position whichever draft is fed (acceptance evidence;
+        only where drafts are sized by cost, the one reader of the evidence).
     guess_joint_q : (B,) float64 or None; the joint's probability of its first draft token.
+    judged : list of (B,) float64 or None; the guesses' acceptance probabilities (-1: no guess).
     """
 
     tokens: torch.Tensor
@@ -95,6 +97,18 @@ class Proposal:
     guess_joint_q: Optional[torch.Tensor] = None
     guess_lookup: Optional[torch.Tensor] = None
     accept: Optional[torch.Tensor] = None  # (B, H-1) float64: the joint draft's acceptance estimates
+    judged: Optional[list] = None
+
+
+@dataclass
+class LookupDraft:
+    """The lookup drafter's proposal, on the host (per row lists): the drafts, their sized lengths,
+    values (expected kept tokens per unit of cost) and the acceptance estimates they were sized with."""
+
+    drafts: list
+    length: list
+    value: list
+    accept: list
 
 
 class _Decoder:
@@ -139,12 +153,12 @@ class _Decoder:
         self.out = torch.full((B, max_new_tokens + W), pad_token_id, dtype=torch.long, device=dev)  # + spare columns
         self.n_gen = torch.zeros(B, dtype=torch.long, device=dev)
         self.done = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.steps = torch.zeros(B, dtype=torch.long, device=dev)
-        self.hist = torch.zeros(B, W, dtype=torch.long, device=dev)
-        self.drafted = torch.zeros(B, dtype=torch.long, device=dev)
-        self.accepted = torch.zeros(B, dtype=torch.long, device=dev)
-        self.joint_ev = Evidence(B, dev, prior_first=0.0, prior_cont=0.0)  # first: prior is the heads' own q
-        self.lookup_ev = Evidence(B, dev, prior_first=0.5, prior_cont=0.8)  # a copied span tends to go on
+        # the host's copy of what the step's one transfer brings back (see _end_step): per row lists
+        self.done_h, self.n_gen_h = [False] * B, [0] * B
+        self.steps_h, self.drafted_h, self.accepted_h = [0] * B, [0] * B, [0] * B
+        self.hist_h = [[0] * W for _ in range(B)]
+        self.joint_ev = Evidence(B, prior_first=0.0, prior_cont=0.0)  # first: prior is the heads' own q
+        self.lookup_ev = Evidence(B, prior_first=0.5, prior_cont=0.8)  # a copied span tends to go on
         self.eos = torch.tensor(eos_token_id or [], dtype=torch.long, device=dev)
         self.seen = None
         if strategy in ("dynamo", "speculative") and dynamo.repetition_penalty != 1.0:
@@ -159,6 +173,7 @@ class _Decoder:
             table = step_cost_tables(model, B, W, draft, dev, sampling.do_sample)
             self.cost = table[self.heads]  # a forward as this strategy runs it
             self.cost_lookup = table[1] if self.lazy or strategy == "lookup" else self.cost
+            self.cost_lookup_h = self.cost_lookup.tolist()  # the host-side sizing's copy
             if strategy == "speculative" and self.index is not None:
                 given = None if draft.step_cost is None else tuple(draft.step_cost)
                 key = ("joint", id(model), str(dev), next(iter(model.parameters()), torch.empty(0)).dtype, B,
@@ -166,6 +181,7 @@ class _Decoder:
                 if key not in STEP_COST:  # measured once per process, like the step cost
                     STEP_COST[key] = self._joint_overhead(table)
                 self.joint_overhead = STEP_COST[key]
+            self.cost_joint_h = (self.cost + self.joint_overhead).tolist()  # a joint draft's full cost
         # heads on demand: while lookup drafts win, the forward runs head 1 alone and keeps the stem
         # output; heads 2..H catch up on the skipped positions (one call) when the joint is next needed
         self.heads_len = prompt_len.clone()  # heads 2..H hold positions < heads_len
@@ -229,7 +245,7 @@ class _Decoder:
                                 seen_tokens=None if self.seen is None else self.seen[:, :self.V],
                                 first_tokens=first_tokens, max_tokens=self.max_new - self.n_gen)
 
-    def propose(self, active) -> Proposal:
+    def propose(self, active, active_h) -> Proposal:
         B, W, dev = self.B, self.W, self.dev
         if self.strategy == "ar":
             return Proposal(self._first_token()[:, None], active.long())
@@ -237,43 +253,43 @@ class _Decoder:
             pol = self._policy(self.dynamo)
             return Proposal(pol.tokens, torch.where(active, pol.n, 0))
         first = self._first_token()
-        remaining = self.max_new - self.n_gen
         tokens = torch.full((B, W), -1, dtype=torch.long, device=dev)
         tokens[:, 0] = first
-        n = torch.ones(B, dtype=torch.long, device=dev)
-        prop = Proposal(tokens, n)
-        lookup = self._lookup_draft(prop, first, remaining, active) if self.index is not None else None
-        joint_value = torch.full((B,), -1.0, dtype=torch.float64, device=dev)
-        joint = False
-        if self.strategy == "speculative":
-            need = active if self.H > 1 else torch.zeros_like(active)  # one head: nothing to draft with
-            if lookup is not None and self.cost is not None and self.H > 1:
-                # skip the policy when no joint draft could beat the lookup draft: even if the heads
-                # were certain of every draft token, its value is at most this (the rates below are
-                # the ones _joint_draft uses, with their prior q at its largest, 1)
-                certain = torch.ones(B, self.H - 1, dtype=torch.float64, device=dev)
-                acc = torch.cat([self.joint_ev.first_rate(certain[:, 0])[:, None],
-                                 self.joint_ev.cont_rate(certain[:, 1:])], dim=1)
-                bound = size_drafts(acc, remaining - 1, self.cost + self.joint_overhead)[1]
-                need = need & ~(lookup[3] >= bound)
-            joint = bool(need.any())
+        prop = Proposal(tokens, torch.ones(B, dtype=torch.long, device=dev))
+        lookup = self._lookup_draft(first, active_h) if self.index is not None else None
+        joint_value, joint = None, False
+        if self.strategy == "speculative" and self.H > 1:  # one head: nothing to draft with
+            need = active_h
+            if lookup is not None and self.cost is not None:
+                # skip the policy in rows where no joint draft could beat the lookup draft
+                need = [a and not v >= self._joint_bound(b) for b, (a, v) in enumerate(zip(active_h, lookup.value))]
+            joint = any(need)
             if joint:
                 if self.lazy:
                     self._catch_up_heads()
-                joint_value = self._joint_draft(prop, first, remaining)
-        use = None
-        if lookup is not None:
-            draft, dlen, ld, value, _ = lookup
-            use = (value > joint_value) & (ld > 0)
-            self._use_lookup(prop, draft, ld, use)
+                joint_value = self._joint_draft(prop, first, self.max_new - self.n_gen)
+        use = self._use_lookup(prop, lookup, joint_value) if lookup is not None else None
         prop.n = torch.where(active, prop.n, 0)
         # this step's forward runs every head unless no row feeds a joint draft (heads on demand)
         self.step_heads = self.heads
         if self.lazy and (not joint or not bool((active & ~use & (prop.n > 1)).any())):
             self.step_heads = 1
         if B > 1 and self.cost is not None and not self.static:  # static: the width is W whatever is fed
-            self._cap_to_batch(prop, None if lookup is None else lookup[4], use, active)
+            lookup_accept = None
+            if lookup is not None:
+                D = self.lookup.max_draft
+                lookup_accept = torch.tensor([a + [0.0] * (D - len(a)) for a in lookup.accept], dtype=torch.float64,
+                                             device=dev)
+            self._cap_to_batch(prop, lookup_accept, use, active)
         return prop
+
+    def _joint_bound(self, b: int) -> float:
+        """The most a joint draft could be worth in row b: its value (expected kept tokens per unit
+        of cost, the joint's overhead included) if the heads were certain of every draft token, with
+        the rates _joint_draft would use (their prior q at its largest, 1)."""
+        ev = self.joint_ev
+        accept = [ev.first_rate(b, 1.0)] + [ev.cont_rate(b, 1.0)] * (self.H - 2)
+        return size_draft(accept, self.max_new - self.n_gen_h[b] - 1, self.cost_joint_h)[1]
 
     def _cap_to_batch(self, prop: Proposal, lookup_accept, use, active):
         """A batch feeds as many columns as its longest draft, and every row pays for them: cap all
@@ -317,19 +333,18 @@ class _Decoder:
         pol = self._policy(cfg, first_tokens=first)
         jn = pol.n.clamp(max=remaining)  # (B,) 1..H
         H, k = pol.topk_ids.shape[1], pol.topk_ids.shape[2]
-        q = pol.draft_probs[:, 1:].double()  # (B, H-1, k) q_j over the top-k
-        q_drawn = (q * (pol.topk_ids[:, 1:] == pol.tokens[:, 1:, None].clamp(min=0))).sum(-1)  # (B, H-1)
-        prop.guess_joint = torch.where(jn > 1, pol.tokens[:, 1], -1)
-        prop.guess_joint_q = q_drawn[:, 0]
         if self.cost is not None:
+            q = pol.draft_probs[:, 1:].double()  # (B, H-1, k) q_j over the top-k
+            q_drawn = (q * (pol.topk_ids[:, 1:] == pol.tokens[:, 1:, None].clamp(min=0))).sum(-1)  # (B, H-1)
+            prop.guess_joint = torch.where(jn > 1, pol.tokens[:, 1], -1)
+            prop.guess_joint_q = q_drawn[:, 0]
             # acceptance of draft token j, known before it is drawn: greedy, the draft's own
             # probability of its (deterministic) token; sampling, sum_x q_j(x)^2, the chance that a
             # draw from q_j agrees with another.
             acc = (q * q).sum(-1) if self.sp.do_sample else q_drawn
             # token 1's is the row's observed first rate, later ones the observed continuation rate,
             # each with the heads' own estimate as its prior
-            acc = torch.cat([self.joint_ev.first_rate(acc[:, 0])[:, None], self.joint_ev.cont_rate(acc[:, 1:])],
-                            dim=1)
+            acc = self.joint_ev.rates(acc)
             d_len, value = size_drafts(acc, jn - 1, self.cost)
             prop.accept = acc
             if self.sp.do_sample:  # the choice against lookup must not read the drawn tokens
@@ -345,26 +360,33 @@ class _Decoder:
             prop.q_ids[:, :H], prop.q_probs[:, :H] = pol.topk_ids, pol.draft_probs
         return value
 
-    def _lookup_draft(self, prop: Proposal, first, remaining, active):
-        """The prompt-lookup draft after ``first``: (draft (B, D), its length, the sized length, value,
-        the acceptance estimates it was sized with (B, D) or None)."""
-        dev = self.dev
-        self.index.extend(first[:, None], active.long())
-        draft, dlen = self.index.propose(max_len=remaining - 1, device=dev)  # (B, D), (B,)
-        D = draft.shape[1]
-        prop.guess_lookup = torch.where(dlen > 0, draft[:, 0], -1)
-        if self.cost is None:
-            return draft, dlen, dlen, dlen.double(), None
-        j = torch.arange(1, D + 1, device=dev)
-        acc = torch.where(j[None] == 1, self.lookup_ev.first_rate()[:, None], self.lookup_ev.cont_rate()[:, None])
-        acc = torch.where(j[None] <= dlen[:, None], acc, 0.0)
-        ld, value = size_drafts(acc, dlen, self.cost_lookup)
-        return draft, dlen, ld, value, acc
+    def _lookup_draft(self, first, active_h) -> LookupDraft:
+        """The prompt-lookup draft after ``first`` (B,), drafted and sized on the host, where the
+        index lives (finished rows draft nothing)."""
+        self.index.extend([[t] if a else [] for t, a in zip(first.tolist(), active_h)])
+        drafts = self.index.drafts([self.max_new - g - 1 if a else 0 for g, a in zip(self.n_gen_h, active_h)])
+        if self.cost is None:  # used whole
+            return LookupDraft(drafts, [len(d) for d in drafts], [float(len(d)) for d in drafts], None)
+        length, value, accept = [], [], []
+        for b, d in enumerate(drafts):
+            acc = [self.lookup_ev.first_rate(b)] + [self.lookup_ev.cont_rate(b)] * (len(d) - 1) if d else []
+            n, v = size_draft(acc, len(d), self.cost_lookup_h)
+            length.append(n)
+            value.append(v)
+            accept.append(acc)
+        return LookupDraft(drafts, length, value, accept)
 
-    def _use_lookup(self, prop: Proposal, draft, ld, use):
-        """Feed the lookup draft (its first ``ld`` tokens) in rows ``use``."""
-        B, W, dev = self.B, self.W, self.dev
-        D = draft.shape[1]
+    def _use_lookup(self, prop: Proposal, lookup: LookupDraft, joint_value) -> torch.Tensor:
+        """Feed the lookup draft (its sized length) in the rows where it is worth more than the
+        joint's (``joint_value`` (B,), or None where no row evaluated the joint); returns those rows."""
+        B, W, dev, D = self.B, self.W, self.dev, self.lookup.max_draft
+        draft = torch.tensor([d + [-1] * (D - len(d)) for d in lookup.drafts], dtype=torch.long, device=dev).view(B, D)
+        ld = torch.tensor(lookup.length, dtype=torch.long, device=dev)
+        use = ld > 0
+        if joint_value is not None:
+            use &= torch.tensor(lookup.value, dtype=torch.float64, device=dev) > joint_value
+        if self.cost is not None:
+            prop.guess_lookup = draft[:, 0]  # -1 where the row has no draft
         prop.from_lookup = use
         prop.n = torch.where(use, 1 + ld, prop.n)
         prop.tokens[:, 1:1 + D] = torch.where(use[:, None], draft, prop.tokens[:, 1:1 + D])
@@ -378,6 +400,7 @@ class _Decoder:
             point_probs[..., 0] = 1.0
             prop.q_ids[:, 1:1 + D] = torch.where(use[:, None, None], point_ids, prop.q_ids[:, 1:1 + D])
             prop.q_probs[:, 1:1 + D] = torch.where(use[:, None, None], point_probs, prop.q_probs[:, 1:1 + D])
+        return use
 
     # ------------------------------------------------------------ feed
 
@@ -430,24 +453,25 @@ class _Decoder:
     def _judge_first_guesses(self, prop: Proposal, target0: torch.Tensor, active):
         """Each drafter's first draft token against head 1's target at the first fed position
         (probs (B, V) or argmax (B,)): the probability it would be accepted (greedy: 0 or 1;
-        sampling: min(1, p / q))."""
+        sampling: min(1, p / q)), -1 where the drafter proposed none; into ``prop.judged``."""
         if prop.guess_joint is None and prop.guess_lookup is None:
             return
-        if self.sp.do_sample:
-            prob = lambda tok: target0.gather(1, tok.clamp(min=0)[:, None])[:, 0].double()  # noqa: E731
-        else:
-            prob = lambda tok: (tok == target0).double()  # noqa: E731
-        if prop.guess_joint is not None:
-            accept = prob(prop.guess_joint)
+        prop.judged = []
+        for guess, q in ((prop.guess_joint, prop.guess_joint_q), (prop.guess_lookup, None)):
+            if guess is None:
+                continue
             if self.sp.do_sample:
-                accept = (accept / prop.guess_joint_q.clamp(min=1e-30)).clamp(max=1.0)
-            self.joint_ev.add_first(active & (prop.guess_joint >= 0), accept)
-        if prop.guess_lookup is not None:
-            self.lookup_ev.add_first(active & (prop.guess_lookup >= 0), prob(prop.guess_lookup))
+                accept = target0.gather(1, guess.clamp(min=0)[:, None])[:, 0].double()
+                if q is not None:
+                    accept = (accept / q.clamp(min=1e-30)).clamp(max=1.0)
+            else:
+                accept = (guess == target0).double()
+            prop.judged.append(torch.where(active & (guess >= 0), accept, -1.0))
 
     # ------------------------------------------------------------ commit
 
-    def commit(self, prop: Proposal, keep: torch.Tensor, T: int, active: torch.Tensor):
+    def commit(self, prop: Proposal, keep: torch.Tensor, T: int):
+        """Write the kept tokens out (on the device); returns keep, cut after the first EOS."""
         tokens = prop.tokens[:, :T]
         if self.eos.numel():  # stop at the first EOS among the kept tokens
             is_eos = torch.isin(tokens, self.eos) & (self.ar_w[None, :T] < keep[:, None])
@@ -460,27 +484,58 @@ class _Decoder:
         self.out.scatter_(1, col, torch.where(kept, tokens, self.out[:, spare:]))
         if self.seen is not None:
             self.seen.scatter_(1, torch.where(kept, tokens.clamp(min=0), self.V), True)
-        if self.index is not None:
-            self.index.extend(tokens[:, 1:], (keep - 1).clamp(min=0))
-        drafted, accepted = (prop.n - 1).clamp(min=0), (keep - 1).clamp(min=0)
-        if self.strategy in ("speculative", "lookup"):  # the drafters' evidence (ar and dynamo draft nothing)
-            lk = torch.zeros_like(active) if prop.from_lookup is None else prop.from_lookup & active
-            self.lookup_ev.add_fed(lk & (drafted > 0), drafted, accepted)
-            self.joint_ev.add_fed(active & ~lk & (drafted > 0), drafted, accepted)
-            self.drafted += drafted
-            self.accepted += accepted
         self.cache.lengths = self.cache.lengths + keep
         self.n_gen = self.n_gen + keep
-        self.steps += active.long()
-        self.hist.scatter_add_(1, (keep - 1).clamp(min=0)[:, None], active.long()[:, None])
         self.done |= self.n_gen >= self.max_new
         return keep
+
+    def _end_step(self, prop: Proposal, keep, T: int, active, active_h, new_last):
+        """The step's one host transfer: per row done, NaN, kept and fed counts, the drafters'
+        judged guesses (and, with a lookup index, the fed tokens); then the host-side bookkeeping:
+        statistics, the drafters' evidence, the index. Returns (all done, any NaN)."""
+        bad = torch.isnan(new_last[:, :self.step_heads]).flatten(1).any(1) & active
+        cols = [self.done, bad, keep, prop.n] + (prop.judged or [])
+        rows = torch.stack([c.double() for c in cols], dim=1).tolist()
+        fed = prop.tokens[:, 1:T].tolist() if self.index is not None else None
+        from_lookup = prop.from_lookup.tolist() if prop.from_lookup is not None and prop.judged is not None else None
+        drafting = self.strategy in ("speculative", "lookup")
+        self.kept_h = [0] * self.B
+        extend = [[] for _ in range(self.B)]
+        for b, row in enumerate(rows):
+            self.done_h[b] = row[0] > 0
+            if not active_h[b]:
+                continue
+            kept, n = int(row[2]), int(row[3])
+            self.kept_h[b] = kept
+            self.n_gen_h[b] += kept
+            self.steps_h[b] += 1
+            self.hist_h[b][max(kept - 1, 0)] += 1
+            if not drafting:
+                continue
+            drafted, accepted = max(n - 1, 0), max(kept - 1, 0)
+            self.drafted_h[b] += drafted
+            self.accepted_h[b] += accepted
+            if prop.judged is not None:  # the evidence: only sizing by cost reads it
+                judged = row[4:]
+                if prop.guess_joint is not None and judged[0] >= 0:
+                    self.joint_ev.add_first(b, judged[0])
+                if prop.guess_lookup is not None and judged[-1] >= 0:
+                    self.lookup_ev.add_first(b, judged[-1])
+                if drafted > 0:
+                    lk = from_lookup is not None and from_lookup[b]
+                    (self.lookup_ev if lk else self.joint_ev).add_fed(b, drafted, accepted)
+            if fed is not None:
+                extend[b] = fed[b][:accepted]
+        if fed is not None:
+            self.index.extend(extend)
+        return all(self.done_h), any(row[1] > 0 for row in rows)
 
     # ------------------------------------------------------------ one step
 
     def step(self, streamer):
         active = ~self.done
-        prop = self.propose(active)
+        active_h = [not d for d in self.done_h]
+        prop = self.propose(active, active_h)
         T = self.W if self.static else max(int(prop.n.max()), 1)
         hidden = self.feed(prop, T)  # (B, T, heads, d)
         rows = torch.arange(self.B, device=self.dev)
@@ -491,7 +546,8 @@ class _Decoder:
         else:
             head1 = self.model.head_logits(hidden[:, :, 0])  # (B, T, V)
             target = self._head1_target(head1)
-            self._judge_first_guesses(prop, target[:, 0], active)
+            if self.cost is not None:
+                self._judge_first_guesses(prop, target[:, 0], active)
             keep = self.verify(prop, target)
             at = (keep - 1).clamp(min=0)
             self.next_target = target[rows, at]
@@ -500,18 +556,14 @@ class _Decoder:
                 new_last = torch.cat([new_last, self.model.head_logits(hidden[rows, at, 1:])], dim=1)
             elif self.heads > 1:  # heads on demand: stale until the next catch-up
                 new_last = torch.cat([new_last, self.last_logits[:, 1:]], dim=1)
-        keep = self.commit(prop, keep, T, active)
+        keep = self.commit(prop, keep, T)
         if self.step_heads > 1:
             self.heads_len = self.cache.lengths.clone()
         self.last_logits = torch.where(active[:, None, None], new_last, self.last_logits)
+        all_done, has_nan = self._end_step(prop, keep, T, active, active_h, new_last)
         if streamer is not None:
-            streamer.put([prop.tokens[b, :int(keep[b])].clone() if bool(active[b]) else prop.tokens[b, :0].clone()
-                          for b in range(self.B)])
-        # the one host sync of a step: stop check and NaN check together
-        bad = torch.isnan(new_last[:, :self.step_heads]).flatten(1).any(1) & active
-        all_done, has_nan = torch.stack([self.done.all(), bad.any()]).tolist()
-        return bool(all_done), bool(has_nan)
-
+            streamer.put([prop.tokens[b, :kept].clone() for b, kept in enumerate(self.kept_h)])
+        return all_done, has_nan
 
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, strategy: str, max_new_tokens: int,
@@ -539,6 +591,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, st
     if streamer is not None:
         streamer.end()
     sequences = torch.cat([input_ids, dec.out[:, :max_new_tokens]], dim=1)
-    return GenerationOutput(sequences=sequences, steps=dec.steps, new_tokens=dec.n_gen,
-                            tokens_per_step=dec.n_gen.float() / dec.steps.clamp(min=1).float(), histogram=dec.hist,
-                            drafted=dec.drafted, accepted=dec.accepted, wall_time=time.perf_counter() - t0)
+    host = lambda rows: torch.tensor(rows, dtype=torch.long, device=dec.dev)  # noqa: E731
+    steps = host(dec.steps_h)
+    return GenerationOutput(sequences=sequences, steps=steps, new_tokens=dec.n_gen,
+                            tokens_per_step=dec.n_gen.float() / steps.clamp(min=1).float(), histogram=host(dec.hist_h),
+                            drafted=host(dec.drafted_h), accepted=host(dec.accepted_h),
+                            wall_time=time.perf_counter() - t0)

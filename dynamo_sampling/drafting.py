@@ -180,34 +180,58 @@ def expected_kept(accept: torch.Tensor) -> torch.Tensor:
     return 1.0 + torch.cat([surv.new_zeros(accept.shape[0], 1), surv.cumsum(1)], dim=1)
 
 
+def size_draft(accept: Sequence[float], cap: int, cost: Sequence[float]):
+    """:func:`size_drafts` for one row on the host, in Python floats (the lookup drafter's sizing,
+    whose inputs live on the host): the same rule and the same float64 operations in the same
+    order, so the same (length, value); ``tests/test_sample.py`` compares the two.
+
+    accept : the row's estimates for draft tokens 1..D; cap : int; cost : >= D + 1 floats."""
+    length, surv, total, cap = 0, 1.0, 0.0, min(cap, len(accept))
+    kept = 1.0 + total  # expected kept tokens at the current length, as expected_kept sums them
+    while length < cap:
+        surv *= min(max(accept[length], 0.0), 1.0)
+        longer = 1.0 + (total + surv)
+        if not longer * cost[length] > kept * cost[length + 1]:
+            break
+        kept, total, length = longer, total + surv, length + 1
+    return length, kept / cost[length]
+
+
 class Evidence:
     """Per-row acceptance evidence of one drafter, for sizing and choosing drafts.
 
     first : its first draft token, judged every step it proposes one (fed or not: head 1 at the
         first fed position, which predicts that token, is computed either way);
     cont : the tokens after the first, judged only when its draft is fed.
-    Rates are Beta-smoothed: ``(hits + prior) / (checked + 1)``."""
+    Rates are Beta-smoothed: ``(hits + prior) / (checked + 1)``. Kept on the host as Python floats:
+    the loop updates it from the one summary it brings back per step, the lookup drafter's sizing
+    reads it there, and the joint's sizing on the device reads :meth:`tensor`."""
 
-    def __init__(self, B, device, prior_first: float, prior_cont: float):
-        z = lambda: torch.zeros(B, dtype=torch.float64, device=device)  # noqa: E731
-        self.first_hits, self.first_checked, self.cont_hits, self.cont_checked = z(), z(), z(), z()
+    def __init__(self, B, prior_first: float, prior_cont: float):
+        self.first_hits, self.first_checked = [0.0] * B, [0.0] * B
+        self.cont_hits, self.cont_checked = [0.0] * B, [0.0] * B
         self.prior_first, self.prior_cont = prior_first, prior_cont
 
-    def first_rate(self, prior=None) -> torch.Tensor:
-        return (self.first_hits + (self.prior_first if prior is None else prior)) / (self.first_checked + 1.0)
+    def first_rate(self, b: int, prior: Optional[float] = None) -> float:
+        return (self.first_hits[b] + (self.prior_first if prior is None else prior)) / (self.first_checked[b] + 1.0)
 
-    def cont_rate(self, prior=None) -> torch.Tensor:
-        """(B,), or (B, D) for a per-token ``prior`` (B, D)."""
-        if prior is None:
-            return (self.cont_hits + self.prior_cont) / (self.cont_checked + 1.0)
-        return (self.cont_hits[:, None] + prior) / (self.cont_checked[:, None] + 1.0)
+    def cont_rate(self, b: int, prior: Optional[float] = None) -> float:
+        return (self.cont_hits[b] + (self.prior_cont if prior is None else prior)) / (self.cont_checked[b] + 1.0)
 
-    def add_first(self, proposed: torch.Tensor, accept_prob: torch.Tensor):
-        self.first_checked += proposed.double()
-        self.first_hits += torch.where(proposed, accept_prob.double(), 0.0)
+    def rates(self, prior: torch.Tensor) -> torch.Tensor:
+        """(B, D) per-token priors (e.g. the heads' own estimates, on their device) -> (B, D) rates:
+        the first-token rate for column 0, the continuation rate for the others."""
+        ev = torch.tensor([self.first_hits, self.first_checked, self.cont_hits, self.cont_checked],
+                          dtype=torch.float64, device=prior.device).T  # (B, 4)
+        first = (ev[:, 0:1] + prior[:, :1]) / (ev[:, 1:2] + 1.0)
+        return torch.cat([first, (ev[:, 2:3] + prior[:, 1:]) / (ev[:, 3:4] + 1.0)], dim=1)
 
-    def add_fed(self, fed: torch.Tensor, drafted: torch.Tensor, accepted: torch.Tensor):
-        """drafted / accepted (B,) draft tokens fed / kept; tokens after the first rejection are unjudged."""
-        checked = accepted + (accepted < drafted).long()
-        self.cont_checked += torch.where(fed, (checked - 1).clamp(min=0), 0).double()
-        self.cont_hits += torch.where(fed, (accepted - 1).clamp(min=0), 0).double()
+    def add_first(self, b: int, accept_prob: float):
+        self.first_checked[b] += 1.0
+        self.first_hits[b] += accept_prob
+
+    def add_fed(self, b: int, drafted: int, accepted: int):
+        """drafted / accepted draft tokens fed / kept; tokens after the first rejection are unjudged."""
+        checked = accepted + (accepted < drafted)
+        self.cont_checked[b] += max(checked - 1, 0)
+        self.cont_hits[b] += max(accepted - 1, 0)

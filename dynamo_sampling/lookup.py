@@ -178,14 +178,16 @@ class NgramIndex:
         else:
             if max_len.shape != (B,):
                 raise ValueError(f"propose: max_len must be (B={B},), got shape {tuple(max_len.shape)}")
-            caps = [min(c, D) for c in max_len.tolist()]
-        drafts, draft_len = [], []
-        for b in range(B):
-            draft = self._row_draft(b, caps[b]) if caps[b] > 0 else []
-            draft_len.append(len(draft))
-            drafts.append(draft + [-1] * (D - len(draft)))
-        return (torch.tensor(drafts, dtype=torch.long, device=device).view(B, D),
-                torch.tensor(draft_len, dtype=torch.long, device=device))
+            caps = max_len.tolist()
+        drafts = self.drafts(caps)
+        return (torch.tensor([d + [-1] * (D - len(d)) for d in drafts], dtype=torch.long, device=device).view(B, D),
+                torch.tensor([len(d) for d in drafts], dtype=torch.long, device=device))
+
+    def drafts(self, caps: Sequence[int]) -> List[List[int]]:
+        """:meth:`propose` as host lists: row ``b``'s draft, at most ``min(caps[b], max_draft)``
+        tokens (none where ``caps[b] <= 0``), unpadded."""
+        D = self.cfg.max_draft
+        return [self._row_draft(b, min(cap, D)) if cap > 0 else [] for b, cap in enumerate(caps)]
 
     def _row_draft(self, b: int, cap: int) -> List[int]:
         tokens, last = self._tokens[b], self._last[b]

@@ -158,6 +158,32 @@ def test_draft_sizing_stops_where_a_token_is_not_worth_its_cost():
     assert torch.allclose(value[2], torch.tensor(1.0, dtype=torch.float64))
 
 
+def test_host_draft_sizing_matches_the_tensor_rule_exactly():
+    """size_draft (one row, Python floats: the lookup drafter's sizing) is size_drafts' fast path:
+    the same lengths and bit-identical values, ties and caps included."""
+    from dynamo_sampling.drafting import Evidence, size_draft, size_drafts
+    g = torch.Generator().manual_seed(3)
+    for D in (1, 2, 5, 8):
+        accept = torch.rand(400, D, generator=g, dtype=torch.float64)
+        accept[::7] = 1.0  # certain drafts: long lengths
+        accept[1::9, 0] = 0.0
+        accept[2::11] = -0.5  # clamped to 0
+        cap = torch.randint(-1, D + 2, (400,), generator=g)
+        cost = torch.cat([torch.ones(1, dtype=torch.float64),
+                          1 + torch.rand(D, generator=g, dtype=torch.float64).cumsum(0) * 0.2])
+        length, value = size_drafts(accept, cap, cost)
+        host = [size_draft(a, c, cost.tolist()) for a, c in zip(accept.tolist(), cap.tolist())]
+        assert [h[0] for h in host] == length.tolist()
+        assert [h[1] for h in host] == value.tolist()
+    # the evidence's device-side rates (the joint's sizing) use the same float64 arithmetic as its host rates
+    ev = Evidence(3, prior_first=0.5, prior_cont=0.8)
+    ev.add_first(0, 1.0), ev.add_first(1, 0.25), ev.add_fed(0, 4, 2), ev.add_fed(2, 3, 3)
+    prior = torch.rand(3, 4, generator=g, dtype=torch.float64)
+    expect = [[ev.first_rate(b, p[0])] + [ev.cont_rate(b, x) for x in p[1:]] for b, p in enumerate(prior.tolist())]
+    assert ev.rates(prior).tolist() == expect
+    assert (ev.cont_checked, ev.cont_hits) == ([2.0, 0.0, 2.0], [1.0, 0.0, 2.0])  # after a rejection: unjudged
+
+
 def test_measured_step_cost_covers_every_width_and_never_decreases():
     from dynamo_sampling.drafting import _interpolate, measure_step_cost
     xs = torch.tensor([1.0, 2.0, 4.0, 9.0], dtype=torch.float64)
