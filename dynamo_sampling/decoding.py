@@ -41,6 +41,9 @@ from .policy import DynamoConfig, dynamo_step
 from .samplers import SamplingParams
 
 STRATEGIES = ("ar", "dynamo", "speculative", "lookup")
+# a row whose joint drafts have not been worth evaluating (drafts sized by cost) still evaluates them
+# every this many steps, so that its acceptance evidence can recover when the heads get better
+PROBE_EVERY = 16
 
 
 @dataclass
@@ -131,9 +134,9 @@ class _Decoder:
         uses_lookup = strategy == "lookup" or (strategy == "speculative" and draft.hybrid)
         self.index = NgramIndex(input_ids, mask, lookup) if uses_lookup else None
         # heads on demand pay where the joint is evaluated on some steps only (drafts sized by cost, which
-        # skips it when lookup's draft must win); DynaMo's thresholds evaluate it every step, and there a
-        # separate catch-up call per step costs more than running all heads in every forward
-        self.lazy = (strategy == "speculative" and uses_lookup and self.H > 1 and hasattr(model, "extra_heads")
+        # skips it where it cannot beat lookup's draft or no draft); DynaMo's thresholds evaluate it every
+        # step, and there a separate catch-up call per step costs more than running all heads in every forward
+        self.lazy = (strategy == "speculative" and self.H > 1 and hasattr(model, "extra_heads")
                      and draft.size_by == "cost")
         self.W = {"ar": 1, "dynamo": self.H, "lookup": 1 + lookup.max_draft,
                   "speculative": max(self.H, 1 + lookup.max_draft) if uses_lookup else self.H}[strategy]
@@ -157,6 +160,7 @@ class _Decoder:
         self.done_h, self.n_gen_h = [False] * B, [0] * B
         self.steps_h, self.drafted_h, self.accepted_h = [0] * B, [0] * B, [0] * B
         self.hist_h = [[0] * W for _ in range(B)]
+        self.since_joint_h = [0] * B  # steps since the row's joint was last evaluated
         self.joint_ev = Evidence(B, prior_first=0.0, prior_cont=0.0)  # first: prior is the heads' own q
         self.lookup_ev = Evidence(B, prior_first=0.5, prior_cont=0.8)  # a copied span tends to go on
         self.eos = torch.tensor(eos_token_id or [], dtype=torch.long, device=dev)
@@ -174,7 +178,7 @@ class _Decoder:
             self.cost = table[self.heads]  # a forward as this strategy runs it
             self.cost_lookup = table[1] if self.lazy or strategy == "lookup" else self.cost
             self.cost_lookup_h = self.cost_lookup.tolist()  # the host-side sizing's copy
-            if strategy == "speculative" and self.index is not None:
+            if strategy == "speculative":
                 given = None if draft.step_cost is None else tuple(draft.step_cost)
                 key = ("joint", id(model), str(dev), next(iter(model.parameters()), torch.empty(0)).dtype, B,
                        self.lazy, sampling.do_sample, self.dynamo.k, self.draft.joint_k, stats is None, given)
@@ -182,8 +186,8 @@ class _Decoder:
                     STEP_COST[key] = self._joint_overhead(table)
                 self.joint_overhead = STEP_COST[key]
             self.cost_joint_h = (self.cost + self.joint_overhead).tolist()  # a joint draft's full cost
-        # heads on demand: while lookup drafts win, the forward runs head 1 alone and keeps the stem
-        # output; heads 2..H catch up on the skipped positions (one call) when the joint is next needed
+        # heads on demand: while no row feeds a joint draft, the forward runs head 1 alone and keeps the
+        # stem output; heads 2..H catch up on the skipped positions (one call) when the joint is next needed
         self.heads_len = prompt_len.clone()  # heads 2..H hold positions < heads_len
         self.stem_buf = None  # (B, max_len + 1, d) stem output by position; the last slot is spare
         self.step_heads = self.heads
@@ -260,19 +264,24 @@ class _Decoder:
         joint_value, joint = None, False
         if self.strategy == "speculative" and self.H > 1:  # one head: nothing to draft with
             need = active_h
-            if lookup is not None and self.cost is not None:
-                # skip the policy in rows where no joint draft could beat the lookup draft
-                need = [a and not v >= self._joint_bound(b) for b, (a, v) in enumerate(zip(active_h, lookup.value))]
+            if self.cost is not None:
+                # skip the policy in rows where no joint draft could beat the lookup draft (or, without
+                # one, feeding no draft), unless the row has not evaluated it for PROBE_EVERY steps
+                alt = lookup.value if lookup is not None else [1.0 / self.cost_lookup_h[0]] * B
+                need = [a and (self.since_joint_h[b] >= PROBE_EVERY or not alt[b] >= self._joint_bound(b))
+                        for b, a in enumerate(active_h)]
             joint = any(need)
             if joint:
                 if self.lazy:
                     self._catch_up_heads()
                 joint_value = self._joint_draft(prop, first, self.max_new - self.n_gen)
+            self.since_joint_h = [0 if joint else n + 1 for n in self.since_joint_h]
         use = self._use_lookup(prop, lookup, joint_value) if lookup is not None else None
         prop.n = torch.where(active, prop.n, 0)
         # this step's forward runs every head unless no row feeds a joint draft (heads on demand)
         self.step_heads = self.heads
-        if self.lazy and (not joint or not bool((active & ~use & (prop.n > 1)).any())):
+        joint_rows = active if use is None else active & ~use
+        if self.lazy and (not joint or not bool((joint_rows & (prop.n > 1)).any())):
             self.step_heads = 1
         if B > 1 and self.cost is not None and not self.static:  # static: the width is W whatever is fed
             lookup_accept = None

@@ -158,6 +158,31 @@ def test_draft_sizing_stops_where_a_token_is_not_worth_its_cost():
     assert torch.allclose(value[2], torch.tensor(1.0, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_speculative_stops_evaluating_a_joint_whose_drafts_always_fail(monkeypatch, hybrid):
+    """Heads 2..H that are always wrong: after a few refused drafts the joint (policy call, heads'
+    catch-up) is evaluated only every PROBE_EVERY steps and the steps run head 1 alone; heads that
+    are right keep it evaluated every step. Greedy output is ar's either way."""
+    from dynamo_sampling import decoding
+    calls = []
+    policy = decoding.dynamo_step
+    monkeypatch.setattr(decoding, "dynamo_step", lambda *a, **k: calls.append(1) or policy(*a, **k))
+    good = oracle_model(V=128, H=3)  # a cycle longer than the output: lookup finds no repeat
+    bad = oracle_model(V=128, H=3)
+    bad.table[1:] = bad.table[1:].roll(1, dims=-1)  # heads 2, 3: a token next to the right one
+    ids = torch.tensor([[3, 9, 4]])  # no repeats: lookup has nothing to draft
+    for model, most in ((bad, 4 + 64 // decoding.PROBE_EVERY + 1), (good, None)):
+        calls.clear()
+        out = sample(model, ids, strategy="speculative", max_new_tokens=64, hybrid=hybrid,
+                     step_cost=(1.0, 1.3, 1.4), return_dict_in_generate=True)
+        assert torch.equal(out.sequences, sample(model, ids, strategy="ar", max_new_tokens=64))
+        steps = int(out.steps)
+        if most is not None:
+            assert len(calls) <= most and out.accepted.sum() == 0
+        else:
+            assert len(calls) >= steps - 1 and out.tokens_per_step > 2.5  # the last step has 1 token left
+
+
 def test_host_draft_sizing_matches_the_tensor_rule_exactly():
     """size_draft (one row, Python floats: the lookup drafter's sizing) is size_drafts' fast path:
     the same lengths and bit-identical values, ties and caps included."""

@@ -146,6 +146,26 @@ def test_argmax_distillation_gradient_is_that_of_the_ce_to_head_1s_top_token():
         train(TrainConfig(distill_target="hard"), progress=False)
 
 
+def test_sharpened_distillation_interpolates_between_soft_and_argmax():
+    """distill_temperature: 1 is the soft target; near 0 its gradient is the argmax target's."""
+    torch.manual_seed(0)
+    m = TinyMTP(TinyMTPConfig(vocab_size=50, **MODEL))
+    x = torch.randint(0, 50, (2, 19))
+
+    def grads(**kw):
+        m.zero_grad()
+        head_losses(m, x, 3, distill=0.6, **kw)
+        return torch.cat([p.grad.flatten() for p in m.parameters()])
+
+    soft, argmax = grads(), grads(distill_target="argmax")
+    assert torch.equal(grads(distill_temperature=1.0), soft)
+    assert torch.allclose(grads(distill_temperature=1e-4), argmax, atol=1e-6)
+    half = grads(distill_temperature=0.5)
+    assert not torch.allclose(half, soft, atol=1e-6) and not torch.allclose(half, argmax, atol=1e-6)
+    with pytest.raises(ValueError, match="distill_temperature must be a finite number > 0, got 0.0"):
+        train(TrainConfig(distill_temperature=0.0), progress=False)
+
+
 def test_init_from_starts_from_a_saved_model(tiny_data, tmp_path):
     torch.manual_seed(0)
     start = TinyMTP(TinyMTPConfig(vocab_size=64, **MODEL))
