@@ -172,7 +172,7 @@ class _Decoder:
         self.next_target = None  # head 1's target at each row's last position, when the last step computed it
         self.ar_w = torch.arange(W, device=dev)
         self.cost = self.cost_lookup = None
-        self.joint_overhead = 0.0
+        self.joint_overhead = (0.0, 0.0)
         if strategy in ("speculative", "lookup") and draft.size_by == "cost":
             table = step_cost_tables(model, B, W, draft, dev, sampling.do_sample)
             self.cost = table[self.heads]  # a forward as this strategy runs it
@@ -185,19 +185,25 @@ class _Decoder:
                 if key not in STEP_COST:  # measured once per process, like the step cost
                     STEP_COST[key] = self._joint_overhead(table)
                 self.joint_overhead = STEP_COST[key]
-            self.cost_joint_h = (self.cost + self.joint_overhead).tolist()  # a joint draft's full cost
+            # a joint draft's full cost: the forward and the policy call, and when the last forward ran
+            # head 1 alone (heads on demand), bringing heads 2..H up to date first
+            policy, catch_up = self.joint_overhead
+            self.cost_joint_h = (self.cost + policy).tolist()
+            self.cost_joint_behind_h = (self.cost + policy + catch_up).tolist()
         # heads on demand: while no row feeds a joint draft, the forward runs head 1 alone and keeps the
         # stem output; heads 2..H catch up on the skipped positions (one call) when the joint is next needed
         self.heads_len = prompt_len.clone()  # heads 2..H hold positions < heads_len
         self.stem_buf = None  # (B, max_len + 1, d) stem output by position; the last slot is spare
         self.step_heads = self.heads
+        self.heads_behind = False  # the last forward ran head 1 alone: heads 2..H must catch up first
 
-    def _joint_overhead(self, table) -> float:
+    def _joint_overhead(self, table) -> tuple:
         """What evaluating the joint costs beyond the forward, in units of a head-1, 1-token forward:
-        the policy call, timed here on the prefill's logits (fastest of 3), and, with heads on demand,
-        bringing heads 2..H up to date (about their share of a forward). 0 with a given step_cost."""
+        (the policy call, timed here on the prefill's logits (fastest of 3); with heads on demand,
+        bringing heads 2..H up to date (about their share of a forward), else 0). Zeros with a given
+        step_cost."""
         if table["seconds"] is None:
-            return 0.0
+            return 0.0, 0.0
         sync = torch.cuda.synchronize if self.dev.type == "cuda" else (lambda: None)
         cfg = dataclasses.replace(self.dynamo, k=min(self.draft.joint_k, self.dynamo.k), eps_b=0.0,
                                   adaptive_threshold=False)
@@ -220,7 +226,7 @@ class _Decoder:
                 self.model.head_logits(self.model.extra_heads(stem, pos, self.cache)[:, 0])
                 sync()
                 catch_up = min(catch_up, time.perf_counter() - t0)
-        return (best + catch_up) / table["seconds"]
+        return best / table["seconds"], catch_up / table["seconds"]
 
     # ------------------------------------------------------------ propose
 
@@ -268,7 +274,9 @@ class _Decoder:
                 # skip the policy in rows where no joint draft could beat the lookup draft (or, without
                 # one, feeding no draft), unless the row has not evaluated it for PROBE_EVERY steps
                 alt = lookup.value if lookup is not None else [1.0 / self.cost_lookup_h[0]] * B
-                need = [a and (self.since_joint_h[b] >= PROBE_EVERY or not alt[b] >= self._joint_bound(b))
+                drafts = lookup.length if lookup is not None else [0] * B
+                need = [a and (self.since_joint_h[b] >= PROBE_EVERY or
+                               not alt[b] >= self._joint_bound(b, against_lookup=drafts[b] > 0))
                         for b, a in enumerate(active_h)]
             joint = any(need)
             if joint:
@@ -292,13 +300,17 @@ class _Decoder:
             self._cap_to_batch(prop, lookup_accept, use, active)
         return prop
 
-    def _joint_bound(self, b: int) -> float:
+    def _joint_bound(self, b: int, against_lookup: bool) -> float:
         """The most a joint draft could be worth in row b: its value (expected kept tokens per unit
         of cost, the joint's overhead included) if the heads were certain of every draft token, with
-        the rates _joint_draft would use (their prior q at its largest, 1)."""
+        the rates _joint_draft would use (their prior q at its largest, 1). The heads' catch-up (when
+        the last forward ran head 1 alone) is charged against a lookup draft, which usually wins the
+        next steps too, so every switch to the joint pays it; against no draft it is not: a row that
+        keeps feeding joint drafts runs every head in every forward and pays it once."""
         ev = self.joint_ev
         accept = [ev.first_rate(b, 1.0)] + [ev.cont_rate(b, 1.0)] * (self.H - 2)
-        return size_draft(accept, self.max_new - self.n_gen_h[b] - 1, self.cost_joint_h)[1]
+        cost = self.cost_joint_behind_h if self.heads_behind and against_lookup else self.cost_joint_h
+        return size_draft(accept, self.max_new - self.n_gen_h[b] - 1, cost)[1]
 
     def _cap_to_batch(self, prop: Proposal, lookup_accept, use, active):
         """A batch feeds as many columns as its longest draft, and every row pays for them: cap all
@@ -547,6 +559,7 @@ class _Decoder:
         prop = self.propose(active, active_h)
         T = self.W if self.static else max(int(prop.n.max()), 1)
         hidden = self.feed(prop, T)  # (B, T, heads, d)
+        self.heads_behind = self.step_heads < self.heads
         rows = torch.arange(self.B, device=self.dev)
         if self.strategy == "dynamo":  # every head at each row's last fed position
             keep = prop.n
