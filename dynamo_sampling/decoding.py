@@ -23,6 +23,11 @@ writes them out and takes the new ``last_logits`` at the row's last kept positio
 Only head 1 is unembedded at every fed position; heads 2..H only at each row's last kept
 position (dynamo: the last fed one), once verification has said which it is. How drafts are
 sized (step cost, acceptance evidence) lives in ``drafting.py``.
+
+Tokens, logits and the cache stay on the model's device; what the host decides with (the lookup
+index, the drafters' evidence, per-row counts) is plain Python, updated from one transfer at the
+end of each step (:meth:`_Decoder._end_step`), which is also the step's stop and NaN check (a lookup
+index also reads each step's first token when it is drawn).
 """
 from __future__ import annotations
 
