@@ -20,7 +20,8 @@ def left_padded(rows):
 
 
 def drafts_of(index, max_len=None):
-    """The index's drafts as python lists, checking the -1 padding on the way."""
+    """The index's drafts as python lists, checking the -1 padding on the way, and that the host
+    lists the decoder reads (``NgramIndex.drafts``) are the same drafts."""
     draft, draft_len = index.propose(max_len)
     assert draft.shape == (index.batch_size, index.cfg.max_draft) and draft.dtype == torch.long
     assert draft_len.shape == (index.batch_size,) and draft_len.dtype == torch.long
@@ -28,6 +29,8 @@ def drafts_of(index, max_len=None):
     for row, n in zip(draft.tolist(), draft_len.tolist()):
         assert all(t == -1 for t in row[n:])
         out.append(row[:n])
+    caps = [index.cfg.max_draft] * index.batch_size if max_len is None else max_len.tolist()
+    assert index.drafts(caps) == out
     return out
 
 
