@@ -116,7 +116,7 @@ class LookupDraft:
     drafts: list
     length: list
     value: list
-    accept: list
+    accept: Optional[list]  # None where drafts are used whole (no sizing)
 
 
 class _Decoder:
@@ -165,6 +165,7 @@ class _Decoder:
         self.done_h, self.n_gen_h = [False] * B, [0] * B
         self.steps_h, self.drafted_h, self.accepted_h = [0] * B, [0] * B, [0] * B
         self.hist_h = [[0] * W for _ in range(B)]
+        self.kept_h = [0] * B  # tokens each row kept in the last step (the streamer's)
         self.since_joint_h = [0] * B  # steps since the row's joint was last evaluated
         self.joint_ev = Evidence(B, prior_first=0.0, prior_cont=0.0)  # first: prior is the heads' own q
         self.lookup_ev = Evidence(B, prior_first=0.5, prior_cont=0.8)  # a copied span tends to go on
@@ -279,9 +280,9 @@ class _Decoder:
                 # skip the policy in rows where no joint draft could beat the lookup draft (or, without
                 # one, feeding no draft), unless the row has not evaluated it for PROBE_EVERY steps
                 alt = lookup.value if lookup is not None else [1.0 / self.cost_lookup_h[0]] * B
-                drafts = lookup.length if lookup is not None else [0] * B
+                lookup_len = lookup.length if lookup is not None else [0] * B
                 need = [a and (self.since_joint_h[b] >= PROBE_EVERY or
-                               not alt[b] >= self._joint_bound(b, against_lookup=drafts[b] > 0))
+                               not alt[b] >= self._joint_bound(b, against_lookup=lookup_len[b] > 0))
                         for b, a in enumerate(active_h)]
             joint = any(need)
             if joint:
@@ -591,6 +592,7 @@ class _Decoder:
         if streamer is not None:
             streamer.put([prop.tokens[b, :kept].clone() for b, kept in enumerate(self.kept_h)])
         return all_done, has_nan
+
 
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, strategy: str, max_new_tokens: int,

@@ -205,7 +205,7 @@ class Evidence:
     cont : the tokens after the first, judged only when its draft is fed.
     Rates are Beta-smoothed: ``(hits + prior) / (checked + 1)``. Kept on the host as Python floats:
     the loop updates it from the one summary it brings back per step, the lookup drafter's sizing
-    reads it there, and the joint's sizing on the device reads :meth:`tensor`."""
+    reads it there, and the joint's sizing on the device reads :meth:`rates`."""
 
     def __init__(self, B, prior_first: float, prior_cont: float):
         self.first_hits, self.first_checked = [0.0] * B, [0.0] * B
