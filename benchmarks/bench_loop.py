@@ -15,6 +15,12 @@ Not a test. Usage::
    randomised; ``ar``, ``speculative`` with joint drafts only (``hybrid=False``) and the hybrid, each
    prompt decoded by all three in alternating order, twice; speed-up = median over prompts of the
    faster run's time ratio against ``ar``.
+3. Batches: ragged-length batches of ``--batch-size`` held-out prompts (cut at random lengths of 64-192
+   tokens), 64 new tokens, greedy and sampled (temperature 0.7): each strategy with finished rows
+   leaving the batch (``decoding.RETIRE_FINISHED``, the default) and without, all settings of a batch
+   in rotating order, ``--rounds`` times; per setting the median over batches of the fastest round's
+   time ratio (ar without retiring / the setting), and the batch's tokens per step (new tokens /
+   (rows x the longest row's steps)) beside the rows' own mean.
 JSON to ``--out`` and a Markdown table beside it.
 """
 from __future__ import annotations
@@ -99,25 +105,88 @@ def failing_heads(model, stats, prompts) -> dict:
             for name in settings}
 
 
+def batches(model, stats, tok, batch_size: int, n_batches: int, rounds: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    rows = prompts_from_test_split(tok, batch_size * n_batches, 192)
+    groups = []
+    for i in range(n_batches):
+        cut = [p[0, 192 - int(torch.randint(64, 193, (1,), generator=g)):] for p in rows[i * batch_size:(i + 1) * batch_size]]
+        S = max(len(c) for c in cut)
+        ids = torch.zeros(len(cut), S, dtype=torch.long)
+        mask = torch.zeros(len(cut), S, dtype=torch.long)
+        for r, c in enumerate(cut):
+            ids[r, S - len(c):], mask[r, S - len(c):] = c, 1
+        groups.append((ids, mask))
+    settings = [(s, mode, retire) for mode in ("greedy", "sampled") for s in ("ar", "dynamo", "speculative", "lookup")
+                for retire in (True, False)]
+
+    def run(ids, mask, s, mode, retire):
+        decoding.RETIRE_FINISHED = retire
+        try:
+            return sample(model, ids, mask, strategy=s, max_new_tokens=64, stats=stats, eps_b=0.03,
+                          do_sample=mode == "sampled", temperature=0.7, generator=torch.Generator().manual_seed(0),
+                          return_dict_in_generate=True)
+        finally:
+            decoding.RETIRE_FINISHED = True
+
+    for st in settings:  # warm-up: step costs measured
+        run(*groups[0], *st)
+    times, tps = collections.defaultdict(list), {}
+    for r in range(rounds):
+        for i, (ids, mask) in enumerate(groups):
+            k = (r * len(groups) + i) % len(settings)
+            for st in settings[k:] + settings[:k]:
+                t0 = time.perf_counter()
+                out = run(ids, mask, *st)
+                times[st, i].append(time.perf_counter() - t0)
+                if r == 0:
+                    tps.setdefault(st, []).append((int(out.new_tokens.sum()), int(out.steps.max()) * len(out.steps),
+                                                   float(out.tokens_per_step.mean())))
+    res = {}
+    for st in settings:
+        s, mode, retire = st
+        base = ("ar", mode, False)
+        name = f"{s}/{mode}" + ("" if retire else " (rows kept to the end)")
+        res[name] = {"speedup_vs_ar": round(statistics.median(min(times[base, i]) / min(times[st, i])
+                                                              for i in range(len(groups))), 3),
+                     "ms_per_batch": round(1e3 * statistics.median(min(times[st, i]) for i in range(len(groups))), 1),
+                     "batch_tokens_per_step": round(sum(a for a, _, _ in tps[st]) / sum(b for _, b, _ in tps[st]), 3),
+                     "row_tokens_per_step": round(statistics.mean(c for _, _, c in tps[st]), 3)}
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--failing-prompts", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--only-batches", action="store_true", help="section 3 alone (into --out)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/loop_cpu.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     model, tok, stats = load_pretrained()
     prompts = prompts_from_test_split(tok, max(args.prompts, args.failing_prompts), 192)
-    ops = {s: op_counts(model, stats, prompts[:args.prompts], s) for s in ("ar", "lookup", "speculative")}
-    fail = failing_heads(model, stats, prompts[:args.failing_prompts])
     info = machine_info()
-    Path(args.out).write_text(json.dumps({"machine": info, "ops_per_step": ops, "failing_heads": fail}, indent=2))
-    lines = [f"Decoding loop, bundled model, B=1, greedy, 64 new tokens. Machine: {machine_line(info)}.", "",
-             f"| torch ops per step ({args.prompts} prompts) | outside the forward | the forward |", "|---|---:|---:|"]
-    lines += [f"| {s} | {c.get('loop', 0)} | {c.get('forward', 0)} |" for s, c in ops.items()]
-    lines += ["", f"| heads 2..H with randomised output-norm signs ({args.failing_prompts} prompts) | tokens/step | "
-              "accepted drafts | speed-up vs ar |", "|---|---:|---:|---:|"]
-    lines += [f"| {s} | {v['tokens_per_step']} | {v['accepted']} | {v['speedup_vs_ar']} |" for s, v in fail.items()]
+    result, lines = {"machine": info}, [f"Decoding loop, bundled model, 64 new tokens. Machine: {machine_line(info)}."]
+    if not args.only_batches:
+        ops = {s: op_counts(model, stats, prompts[:args.prompts], s) for s in ("ar", "lookup", "speculative")}
+        fail = failing_heads(model, stats, prompts[:args.failing_prompts])
+        result.update(ops_per_step=ops, failing_heads=fail)
+        lines += ["", f"| torch ops per step (B=1, greedy, {args.prompts} prompts) | outside the forward | the forward |",
+                  "|---|---:|---:|"]
+        lines += [f"| {s} | {c.get('loop', 0)} | {c.get('forward', 0)} |" for s, c in ops.items()]
+        lines += ["", f"| heads 2..H with randomised output-norm signs (B=1, greedy, {args.failing_prompts} prompts) | "
+                  "tokens/step | accepted drafts | speed-up vs ar |", "|---|---:|---:|---:|"]
+        lines += [f"| {s} | {v['tokens_per_step']} | {v['accepted']} | {v['speedup_vs_ar']} |" for s, v in fail.items()]
+    bat = batches(model, stats, tok, args.batch_size, args.batches, args.rounds)
+    result["batches"] = {"batch_size": args.batch_size, "batches": args.batches, "rounds": args.rounds, "rows": bat}
+    lines += ["", f"| B={args.batch_size}, ragged prompts ({args.batches} batches, eps_b 0.03) | ms per batch | "
+              "speed-up vs ar | batch tokens/step | rows' tokens/step |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {s} | {v['ms_per_batch']} | {v['speedup_vs_ar']} | {v['batch_tokens_per_step']} | "
+              f"{v['row_tokens_per_step']} |" for s, v in bat.items()]
+    Path(args.out).write_text(json.dumps(result, indent=2))
     Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -49,6 +49,9 @@ STRATEGIES = ("ar", "dynamo", "speculative", "lookup")
 # a row whose joint drafts have not been worth evaluating (drafts sized by cost) still evaluates them
 # every this many steps, so that its acceptance evidence can recover when the heads get better
 PROBE_EVERY = 16
+# on a CPU, finished rows leave the batch (_Decoder._retire): the rows still decoding run smaller
+# forwards. False keeps every row to the end (the reference the tests compare with).
+RETIRE_FINISHED = True
 
 
 @dataclass
@@ -126,6 +129,7 @@ class _Decoder:
                  pad_token_id, dynamo: DynamoConfig, draft: DraftConfig, lookup: LookupConfig, stats, backend,
                  graph_capture=None):
         self.model, self.strategy, self.sp = model, strategy, sampling
+        self.pad_token_id = pad_token_id
         self.dynamo, self.draft, self.lookup, self.stats = dynamo, draft, lookup, stats
         if backend == "cuda":
             from .kernels import cuda_dynamo_step as step_policy
@@ -202,6 +206,12 @@ class _Decoder:
         self.stem_buf = None  # (B, max_len + 1, d) stem output by position; the last slot is spare
         self.step_heads = self.heads
         self.heads_behind = False  # the last forward ran head 1 alone: heads 2..H must catch up first
+        # finished rows leave the batch where that is cheap and shapes may change (not under captured
+        # graphs, nor on accelerators, whose step costs little more for more rows): rows_h[b] is
+        # physical row b's index in the caller's batch, ``retired`` what the rows that left produced
+        self.B0, self.rows_h, self.retired = B, list(range(B)), {}
+        self.may_retire = (RETIRE_FINISHED and not self.static and graph_capture is None
+                           and hasattr(self.cache, "select_rows"))
 
     def _joint_overhead(self, table) -> tuple:
         """What evaluating the joint costs beyond the forward, in units of a head-1, 1-token forward:
@@ -590,8 +600,50 @@ class _Decoder:
         self.last_logits = torch.where(active[:, None, None], new_last, self.last_logits)
         all_done, has_nan = self._end_step(prop, keep, T, active, active_h, new_last)
         if streamer is not None:
-            streamer.put([prop.tokens[b, :kept].clone() for b, kept in enumerate(self.kept_h)])
+            put = [prop.tokens.new_empty(0)] * self.B0
+            for b, kept in enumerate(self.kept_h):
+                put[self.rows_h[b]] = prop.tokens[b, :kept].clone()
+            streamer.put(put)
+        if self.may_retire and not all_done and not has_nan and any(self.done_h):
+            self._retire()
         return all_done, has_nan
+
+    # ------------------------------------------------------------ finished rows leave
+
+    def _row_result(self, b: int) -> tuple:
+        """What physical row b produced: (tokens (max_new,), new tokens, steps, histogram, drafted, accepted)."""
+        return (self.out[b, :self.max_new], self.n_gen_h[b], self.steps_h[b], self.hist_h[b], self.drafted_h[b],
+                self.accepted_h[b])
+
+    def _retire(self):
+        """Drop the finished rows from every per-row tensor and list (their results kept aside), so that
+        the rows still decoding run smaller forwards. On a CPU a decode step's cost grows with its rows
+        (README, "Batches"), and the rows of a multi-token strategy finish at different steps."""
+        keep = [b for b, d in enumerate(self.done_h) if not d]
+        for b, d in enumerate(self.done_h):
+            if d:
+                self.retired[self.rows_h[b]] = self._row_result(b)
+        idx = torch.tensor(keep, dtype=torch.long, device=self.dev)
+        pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
+        self.out, self.n_gen, self.done, self.seen = pick(self.out), pick(self.n_gen), pick(self.done), pick(self.seen)
+        self.residual, self.next_target = pick(self.residual), pick(self.next_target)
+        self.last_logits, self.heads_len, self.stem_buf = pick(self.last_logits), pick(self.heads_len), pick(self.stem_buf)
+        self.cache.select_rows(idx)
+        for name in ("rows_h", "done_h", "n_gen_h", "steps_h", "drafted_h", "accepted_h", "hist_h", "kept_h",
+                     "since_joint_h"):
+            setattr(self, name, [getattr(self, name)[b] for b in keep])
+        self.joint_ev.select(keep)
+        self.lookup_ev.select(keep)
+        if self.index is not None:
+            self.index.select(keep)
+        self.B = len(keep)
+
+    def results(self) -> list:
+        """Per row of the caller's batch, in its order: :meth:`_row_result`."""
+        out = dict(self.retired)
+        for b, o in enumerate(self.rows_h):
+            out[o] = self._row_result(b)
+        return [out[o] for o in range(self.B0)]
 
 
 @torch.inference_mode()
@@ -619,10 +671,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, st
             break
     if streamer is not None:
         streamer.end()
-    sequences = torch.cat([input_ids, dec.out[:, :max_new_tokens]], dim=1)
+    out, n_gen, steps, hist, drafted, accepted = zip(*dec.results())
+    sequences = torch.cat([input_ids, torch.stack(out)], dim=1)
     host = lambda rows: torch.tensor(rows, dtype=torch.long, device=dec.dev)  # noqa: E731
-    steps = host(dec.steps_h)
-    return GenerationOutput(sequences=sequences, steps=steps, new_tokens=dec.n_gen,
-                            tokens_per_step=dec.n_gen.float() / steps.clamp(min=1).float(), histogram=host(dec.hist_h),
-                            drafted=host(dec.drafted_h), accepted=host(dec.accepted_h),
-                            wall_time=time.perf_counter() - t0)
+    steps, n_gen = host(steps), host(n_gen)
+    return GenerationOutput(sequences=sequences, steps=steps, new_tokens=n_gen,
+                            tokens_per_step=n_gen.float() / steps.clamp(min=1).float(), histogram=host(hist),
+                            drafted=host(drafted), accepted=host(accepted), wall_time=time.perf_counter() - t0)

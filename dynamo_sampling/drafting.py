@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -225,6 +225,11 @@ class Evidence:
                           dtype=torch.float64, device=prior.device).T  # (B, 4)
         first = (ev[:, 0:1] + prior[:, :1]) / (ev[:, 1:2] + 1.0)
         return torch.cat([first, (ev[:, 2:3] + prior[:, 1:]) / (ev[:, 3:4] + 1.0)], dim=1)
+
+    def select(self, rows: List[int]):
+        """Keep only the rows ``rows`` (in the new order)."""
+        for name in ("first_hits", "first_checked", "cont_hits", "cont_checked"):
+            setattr(self, name, [getattr(self, name)[b] for b in rows])
 
     def add_first(self, b: int, accept_prob: float):
         self.first_checked[b] += 1.0

@@ -153,6 +153,12 @@ class NgramIndex:
             if new:
                 self._append(b, new)
 
+    def select(self, rows: Sequence[int]):
+        """Keep only the rows ``rows`` (in the new order), e.g. when finished rows leave a batch."""
+        self._tokens = [self._tokens[b] for b in rows]
+        self._last = [self._last[b] for b in rows]
+        self.batch_size = len(rows)
+
     def propose(self, max_len: Optional[torch.Tensor] = None,
                 device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Each row's lookup draft.

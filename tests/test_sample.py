@@ -542,3 +542,50 @@ def test_batch_drafts_are_capped_at_the_width_that_pays_for_the_batch():
     likely = [[0.95] * 4, [0.0] * 4, [0.0] * 4]
     assert cap([1.0, 1.05, 1.1, 1.15, 1.2], likely, [5, 1, 0]) == [5, 1, 0]  # it does
     assert cap([1.0, 1.05, 1.1, 1.5, 3.0], likely, [5, 1, 3]) == [3, 1, 3]  # up to where the cost jumps
+
+
+# ---------------------------------------------------------------- finished rows leave the batch
+
+
+@pytest.mark.parametrize("strategy", ["ar", "dynamo", "speculative", "lookup"])
+def test_finished_rows_leave_the_batch_with_the_same_results(model, monkeypatch, strategy):
+    """On a CPU finished rows leave the batch (decoding._Decoder._retire): greedy tokens, statistics
+    and the streamed tokens are those of the loop that keeps every row to the end, on a ragged batch
+    whose rows stop at different steps (an EOS that only some rows reach early)."""
+    from dynamo_sampling import decoding
+
+    class Collect:
+        def __init__(self):
+            self.rows = None
+
+        def put(self, tokens):
+            self.rows = [[] for _ in tokens] if self.rows is None else self.rows
+            assert len(tokens) == len(self.rows)
+            for r, t in zip(self.rows, tokens):
+                r.extend(t.tolist())
+
+        def end(self):
+            pass
+
+    ids, mask = ragged_batch(6, seed=11)
+    S = ids.shape[1]
+    eos = int(sample(model, ids, mask, strategy="ar", max_new_tokens=4)[0, S + 3])  # row 0 ends at token 4
+    retired = []
+    retire = decoding._Decoder._retire
+    monkeypatch.setattr(decoding._Decoder, "_retire", lambda self: retired.append(self.B) or retire(self))
+    runs = []
+    for keep_all in (False, True):
+        monkeypatch.setattr(decoding, "RETIRE_FINISHED", not keep_all)
+        s = Collect()
+        out = sample(model, ids, mask, strategy=strategy, max_new_tokens=14, eps_b=0.05, step_cost=FLAT,
+                     eos_token_id=eos, pad_token_id=0, streamer=s, return_dict_in_generate=True)
+        runs.append((out, s.rows))
+        if not keep_all:
+            assert retired, "no row left the batch early"
+            n_retire = len(retired)
+    assert len(retired) == n_retire  # the reference loop never retires
+    (a, streamed_a), (b, streamed_b) = runs
+    for field in ("sequences", "steps", "new_tokens", "histogram", "drafted", "accepted"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert streamed_a == streamed_b
+    assert streamed_a == [row[:n] for row, n in zip(a.sequences[:, S:].tolist(), a.new_tokens.tolist())]

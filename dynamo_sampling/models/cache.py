@@ -55,6 +55,12 @@ class KVCache:
     def device(self) -> torch.device:
         return self.k.device
 
+    def select_rows(self, rows: torch.Tensor):
+        """Keep only the batch rows ``rows`` (LongTensor, in the new order), e.g. when finished rows leave
+        a batch; the keys and values are copied once."""
+        self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+        self.lengths = self.lengths.index_select(0, rows)
+
     def group(self, first: int, g: int):
         """Layers ``first..first+g-1`` as one batch: keys and values views (g*B, kv_heads, max_len + 1, head_dim)."""
         _, B, h, S1, hd = self.k.shape
