@@ -11,7 +11,8 @@ weights are 8 distinct copies cycled through, so each call reads its weights as 
 * bf16 ``F.linear`` against the same weight prepacked for oneDNN (``tiny.pack_linear``), at 1, 3, 8
   and 128 rows, and whether the two are bit-identical;
 * the fp32 unembedding: ``F.linear`` with the (V, d) weight against ``x @ W_t`` with a (d, V) copy;
-* decode attention (1 query over 140 keys): SDPA in bf16 against fp32;
+* decode attention (1 query over 140 keys): SDPA in bf16 against fp32; and at 8 rows (230 keys, fp32)
+  3 queries per row against 1 (a multi-token feed against ``ar``'s);
 * a gather of 28 000 of 0.9 M int64: ``x[i]`` against ``x.index_select(0, i)``.
 
 Writes ``benchmarks/results/cpu_ops.json`` (or ``--out``) and a Markdown table beside it.
@@ -94,6 +95,13 @@ def measure(repeats: int) -> list:
                       lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), repeats)
     rows.append({"what": "decode attention, 1 query x 140 keys, 8 heads of 32", "a": "bf16 SDPA", "b": "fp32 SDPA",
                  "a_us": t_bf, "b_us": t_fp, "a/b": t_bf / t_fp})
+    q3 = torch.randn(8, 8, 3, 32, generator=g)
+    k8, v8 = torch.randn(8, 8, 230, 32, generator=g), torch.randn(8, 8, 230, 32, generator=g)
+    m1, m3 = torch.ones(8, 1, 1, 230, dtype=torch.bool), torch.ones(8, 1, 3, 230, dtype=torch.bool)
+    t3, t1 = pair(lambda: F.scaled_dot_product_attention(q3, k8, v8, attn_mask=m3),
+                  lambda: F.scaled_dot_product_attention(q3[:, :, :1], k8, v8, attn_mask=m1), repeats)
+    rows.append({"what": "decode attention, 8 rows x 230 keys, 8 heads of 32, fp32", "a": "3 queries per row",
+                 "b": "1 query per row", "a_us": t3, "b_us": t1, "a/b": t3 / t1})
     keys = torch.randint(0, 2 ** 40, (909772,), generator=g).sort().values
     idx = torch.randint(0, keys.numel(), (28000,), generator=g).sort().values
     t_ix, t_is = pair(lambda: keys[idx], lambda: keys.index_select(0, idx), repeats)

@@ -108,6 +108,8 @@ def failing_heads(model, stats, prompts) -> dict:
 def batches(model, stats, tok, batch_size: int, n_batches: int, rounds: int) -> dict:
     g = torch.Generator().manual_seed(0)
     rows = prompts_from_test_split(tok, batch_size * n_batches, 192)
+    if len(rows) < batch_size * n_batches:
+        raise SystemExit(f"the test split has {len(rows)} prompts of 384+ tokens, {batch_size * n_batches} asked")
     groups = []
     for i in range(n_batches):
         cut = [p[0, 192 - int(torch.randint(64, 193, (1,), generator=g)):] for p in rows[i * batch_size:(i + 1) * batch_size]]
@@ -160,7 +162,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--failing-prompts", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--batches", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--only-batches", action="store_true", help="section 3 alone (into --out)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/loop_cpu.json"))
