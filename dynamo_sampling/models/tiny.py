@@ -322,7 +322,7 @@ class TinyMTP(nn.Module):
         """Preallocate a cache for ``batch_size`` rows and ``max_len`` positions (default: the context).
 
         ``dtype`` (default: the weights', but float32 for a bf16 model on a CPU) is also the dtype the
-        fast path computes attention in: on a CPU, bf16 attention at decode shapes measured ~3.5x
+        fast path computes attention in: on a CPU, bf16 attention at decode shapes measured ~3-3.5x
         slower than float32 (1 query over 140 keys, 8 heads of 32; ``benchmarks/bench_cpu_ops.py``,
         torch 2.13, 2-core AMD EPYC VM), while float32 keys of a model this small cost little memory."""
         max_len = self.config.max_seq_len if max_len is None else max_len
