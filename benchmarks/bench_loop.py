@@ -112,7 +112,8 @@ def batches(model, stats, tok, batch_size: int, n_batches: int, rounds: int) -> 
         raise SystemExit(f"the test split has {len(rows)} prompts of 384+ tokens, {batch_size * n_batches} asked")
     groups = []
     for i in range(n_batches):
-        cut = [p[0, 192 - int(torch.randint(64, 193, (1,), generator=g)):] for p in rows[i * batch_size:(i + 1) * batch_size]]
+        cut = [p[0, 192 - int(torch.randint(64, 193, (1,), generator=g)):]
+               for p in rows[i * batch_size:(i + 1) * batch_size]]
         S = max(len(c) for c in cut)
         ids = torch.zeros(len(cut), S, dtype=torch.long)
         mask = torch.zeros(len(cut), S, dtype=torch.long)
@@ -176,7 +177,8 @@ def main(argv=None) -> int:
         ops = {s: op_counts(model, stats, prompts[:args.prompts], s) for s in ("ar", "lookup", "speculative")}
         fail = failing_heads(model, stats, prompts[:args.failing_prompts])
         result.update(ops_per_step=ops, failing_heads=fail)
-        lines += ["", f"| torch ops per step (B=1, greedy, {args.prompts} prompts) | outside the forward | the forward |",
+        lines += ["", f"| torch ops per step (B=1, greedy, {args.prompts} prompts) | outside the forward "
+                  "| the forward |",
                   "|---|---:|---:|"]
         lines += [f"| {s} | {c.get('loop', 0)} | {c.get('forward', 0)} |" for s, c in ops.items()]
         lines += ["", f"| heads 2..H with randomised output-norm signs (B=1, greedy, {args.failing_prompts} prompts) | "

@@ -107,8 +107,9 @@ class Proposal:
     guess_joint: Optional[torch.Tensor] = None
     guess_joint_q: Optional[torch.Tensor] = None
     guess_lookup: Optional[torch.Tensor] = None
-    accept: Optional[torch.Tensor] = None  # (B, H-1) float64: the joint draft's acceptance estimates
+    accept: Optional[torch.Tensor] = None  # (B, H-1 or W-1) float64: the joint draft's acceptance estimates
     judged: Optional[list] = None
+    joint_len: Optional[list] = None  # host, per row: joint tokens of a merged draft, -1 where not merged
 
 
 @dataclass
@@ -188,6 +189,7 @@ class _Decoder:
             self.cost = table[self.heads]  # a forward as this strategy runs it
             self.cost_lookup = table[1] if self.lazy or strategy == "lookup" else self.cost
             self.cost_lookup_h = self.cost_lookup.tolist()  # the host-side sizing's copy
+            self.cost_h = self.cost.tolist()
             if strategy == "speculative":
                 given = None if draft.step_cost is None else tuple(draft.step_cost)
                 key = ("joint", id(model), str(dev), next(iter(model.parameters()), torch.empty(0)).dtype, B,
@@ -299,6 +301,8 @@ class _Decoder:
                 if self.lazy:
                     self._catch_up_heads()
                 joint_value = self._joint_draft(prop, first, self.max_new - self.n_gen)
+                if lookup is not None and self.cost is not None and self.draft.merge:
+                    joint_value = self._merge_drafts(prop, joint_value, need)
             self.since_joint_h = [0 if joint else n + 1 for n in self.since_joint_h]
         use = self._use_lookup(prop, lookup, joint_value) if lookup is not None else None
         prop.n = torch.where(active, prop.n, 0)
@@ -396,6 +400,58 @@ class _Decoder:
             prop.q_probs = torch.zeros(B, W, k, dtype=torch.float32, device=dev)
             prop.q_ids[:, :H], prop.q_probs[:, :H] = pol.topk_ids, pol.draft_probs
         return value
+
+    def _merge_drafts(self, prop: Proposal, joint_value: torch.Tensor, need) -> torch.Tensor:
+        """Hybrid: continue each row's joint draft with the lookup index's continuation of it, sized
+        with the joint's acceptance estimates for its own tokens and lookup's for the continuation,
+        where that is worth more than the joint draft alone (``DraftConfig.merge``). Returns the
+        joint's value for the choice against the lookup draft: greedy, the merged draft's; sampling,
+        unchanged, since that choice must not read drawn tokens (continuing a draft after its drawn
+        tokens is only a longer draft: each token keeps its own conditional, a point mass here)."""
+        B, W, H = self.B, self.W, self.H
+        n_h, acc = prop.n.tolist(), prop.accept.tolist()
+        drafts, values = prop.tokens[:, 1:H].tolist(), joint_value.tolist()
+        ev = self.lookup_ev
+        prop.joint_len = [-1] * B
+        merged = {}
+        for b in range(B):
+            d = n_h[b] - 1
+            if not need[b] or d < 1:
+                continue
+            cont = self.index.continuation(b, drafts[b][:d], min(W - 1 - d, self.max_new - self.n_gen_h[b] - 1 - d))
+            if not cont:
+                continue
+            a = acc[b][:d] + [ev.first_rate(b)] + [ev.cont_rate(b)] * (len(cont) - 1)
+            length, value = size_draft(a, d + len(cont), self.cost_h)
+            if length > d and value > size_draft(a[:d], d, self.cost_h)[1]:
+                merged[b] = (cont[:length - d], a)
+                prop.joint_len[b] = d
+                if not self.sp.do_sample:
+                    values[b] = value
+        if not merged:
+            return joint_value
+        tokens, accept = prop.tokens.tolist(), [r + [0.0] * (W - 1 - len(r)) for r in acc]
+        n = list(n_h)
+        for b, (cont, a) in merged.items():
+            d = n_h[b] - 1
+            tokens[b][1 + d:1 + d + len(cont)] = cont
+            accept[b][:len(a)] = a
+            n[b] = 1 + d + len(cont)
+        dev = self.dev
+        new = torch.tensor(tokens, dtype=torch.long, device=dev)
+        if self.sp.do_sample:  # the continuation is a point mass at each of its tokens
+            cols = torch.arange(W, device=dev)[None]
+            at = (cols > prop.n[:, None] - 1) & (cols < torch.tensor(n, device=dev)[:, None])  # (B, W)
+            point_ids = torch.zeros_like(prop.q_ids)
+            point_ids[..., 0] = new.clamp(min=0)
+            point_probs = torch.zeros_like(prop.q_probs)
+            point_probs[..., 0] = 1.0
+            prop.q_ids = torch.where(at[..., None], point_ids, prop.q_ids)
+            prop.q_probs = torch.where(at[..., None], point_probs, prop.q_probs)
+        prop.tokens = new
+        prop.n = torch.tensor(n, dtype=torch.long, device=dev)
+        prop.accept = torch.tensor(accept, dtype=torch.float64, device=dev)
+        return torch.tensor(values, dtype=torch.float64, device=dev)
 
     def _lookup_draft(self, first, active_h) -> LookupDraft:
         """The prompt-lookup draft after ``first`` (B,), drafted and sized on the host, where the
@@ -558,8 +614,13 @@ class _Decoder:
                     self.joint_ev.add_first(b, judged[0])
                 if prop.guess_lookup is not None and judged[-1] >= 0:
                     self.lookup_ev.add_first(b, judged[-1])
-                if drafted > 0:
-                    lk = from_lookup is not None and from_lookup[b]
+                lk = from_lookup is not None and from_lookup[b]
+                d = -1 if lk or prop.joint_len is None else prop.joint_len[b]
+                if d >= 0:  # a merged draft: the joint's tokens, then (if they all passed) lookup's
+                    self.joint_ev.add_fed(b, d, min(accepted, d))
+                    if accepted >= d:
+                        self.lookup_ev.add_fed(b, drafted - d, accepted - d)
+                elif drafted > 0:
                     (self.lookup_ev if lk else self.joint_ev).add_fed(b, drafted, accepted)
             if fed is not None:
                 extend[b] = fed[b][:accepted]
@@ -625,9 +686,8 @@ class _Decoder:
                 self.retired[self.rows_h[b]] = self._row_result(b)
         idx = torch.tensor(keep, dtype=torch.long, device=self.dev)
         pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
-        self.out, self.n_gen, self.done, self.seen = pick(self.out), pick(self.n_gen), pick(self.done), pick(self.seen)
-        self.residual, self.next_target = pick(self.residual), pick(self.next_target)
-        self.last_logits, self.heads_len, self.stem_buf = pick(self.last_logits), pick(self.heads_len), pick(self.stem_buf)
+        for name in ("out", "n_gen", "done", "seen", "residual", "next_target", "last_logits", "heads_len", "stem_buf"):
+            setattr(self, name, pick(getattr(self, name)))
         self.cache.select_rows(idx)
         for name in ("rows_h", "done_h", "n_gen_h", "steps_h", "drafted_h", "accepted_h", "hist_h", "kept_h",
                      "since_joint_h"):

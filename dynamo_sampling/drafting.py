@@ -31,6 +31,9 @@ class DraftConfig:
     joint_k : top-k per head of the speculative joint under "cost" (the full k = 50 grid of the
         lossy mode costs milliseconds per step; a draft's first few candidates carry its mass).
     hybrid : speculative also proposes a lookup draft per row; the better of the two is fed.
+    merge : hybrid, sized by cost: a joint draft may go on with the lookup index's continuation of
+        it (the tokens that followed the draft's last n-gram earlier in the row), where that is worth
+        more than the joint draft alone; the merged draft then competes with the lookup draft.
     step_cost : cost of one forward feeding T = 1, 2, ... tokens, relative to T = 1; None measures
         it once per (model, device, dtype, batch size, heads) in this process.
     """
@@ -38,6 +41,7 @@ class DraftConfig:
     size_by: str = "cost"
     joint_k: int = 10
     hybrid: bool = True
+    merge: bool = True
     step_cost: Optional[Sequence[float]] = None
 
     def validate(self):
@@ -55,6 +59,9 @@ class DraftConfig:
         if not isinstance(self.hybrid, bool) and type(self.hybrid).__name__ != "bool_":  # numpy bool passes
             raise TypeError(f"hybrid must be a bool, got {type(self.hybrid).__name__} ({self.hybrid!r})")
         self.hybrid = bool(self.hybrid)
+        if not isinstance(self.merge, bool) and type(self.merge).__name__ != "bool_":
+            raise TypeError(f"merge must be a bool, got {type(self.merge).__name__} ({self.merge!r})")
+        self.merge = bool(self.merge)
         if self.step_cost is not None:
             if isinstance(self.step_cost, (str, bytes)) or not hasattr(self.step_cost, "__iter__") or any(
                     isinstance(c, bool) or not isinstance(c, numbers.Real) for c in self.step_cost):

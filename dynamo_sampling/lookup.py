@@ -206,6 +206,23 @@ class NgramIndex:
                 return tokens[p + n:p + n + cap]
         return []
 
+    def continuation(self, b: int, extra: Sequence[int], cap: int) -> List[int]:
+        """Row ``b``'s draft as if ``extra`` followed its tokens (another drafter's draft, to be
+        continued), without appending it: the follower of the latest earlier occurrence, within the
+        row's tokens so far, of the longest suffix n-gram of ``tokens + extra``; at most ``cap`` tokens."""
+        tokens, last = self._tokens[b], self._last[b]
+        if cap <= 0:
+            return []
+        tail = tokens[max(len(tokens) - self.cfg.max_ngram, 0):] + list(extra)
+        L = len(tokens) + len(extra)
+        for n in reversed(self._sizes):
+            if n >= L:
+                continue
+            p = last.get(tuple(tail[len(tail) - n:]))
+            if p is not None:
+                return tokens[p + n:p + n + cap]
+        return []
+
     @property
     def lengths(self) -> torch.Tensor:
         """LongTensor (B,): tokens per row so far (prompt + appended)."""

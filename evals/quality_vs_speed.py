@@ -96,6 +96,7 @@ ABLATIONS = {  # name -> DynamoConfig overrides; applied to the dynamo strategy
 # speculative variants beside its default (drafts sized by cost, lookup drafts competing with the joint)
 SPEC_ABLATIONS = {
     "no_lookup": {"hybrid": False},  # the heads' joint drafts only
+    "no_merge": {"merge": False},  # lookup and joint drafts compete; no joint draft is continued by lookup
     "thresholds": {"size_by": "thresholds", "hybrid": False},  # DynaMo's thresholds size the drafts (eps_b sweep)
 }
 # Defaults of the full run and of --quick; an explicit flag wins over both.

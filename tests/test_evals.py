@@ -176,7 +176,8 @@ def test_quality_vs_speed_quick_end_to_end(tiny, tmp_path):
         expected.add(f"ar/{mode}")
         expected |= {f"dynamo/{mode}/eps_b={e:g}" for e in quick["eps_b"]}
         expected |= {f"speculative/thresholds/{mode}/eps_b={e:g}" for e in quick["eps_b"]}
-        expected |= {f"speculative/{mode}", f"speculative/no_lookup/{mode}", f"lookup/{mode}"}
+        expected |= {f"speculative/{mode}", f"speculative/no_lookup/{mode}", f"speculative/no_merge/{mode}",
+                     f"lookup/{mode}"}
         for abl in ("no_cooc", "no_adaptive", "no_blur"):
             expected |= {f"dynamo/{abl}/{mode}/eps_b={e:g}" for e in quick["ablation_eps_b"]}
     rows = {r["setting"]: r for r in res["settings"]}
@@ -193,7 +194,7 @@ def test_quality_vs_speed_quick_end_to_end(tiny, tmp_path):
     # eps_b = 0 without the co-occurrence mask emits H tokens a step (3 + 3 + 2 for 8 tokens)
     assert rows["dynamo/no_cooc/greedy/eps_b=0"]["tokens_per_step"] == pytest.approx(8 / 3)
     # the exact strategies write what ar writes, greedy
-    for name in ("speculative/greedy", "speculative/no_lookup/greedy", "lookup/greedy",
+    for name in ("speculative/greedy", "speculative/no_lookup/greedy", "speculative/no_merge/greedy", "lookup/greedy",
                  "speculative/thresholds/greedy/eps_b=0"):
         assert rows[name]["ties"] == 2, name
     groups = {s["group"] for s in res["same_quality"]}

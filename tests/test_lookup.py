@@ -70,6 +70,40 @@ def test_index_matches_brute_force_incrementally(max_ngram, min_ngram, max_draft
         assert drafts_of(index, torch.tensor(caps)) == [d[:max(c, 0)] for d, c in zip(expected, caps)]
 
 
+def _brute_continuation(tokens, extra, cap, cfg):
+    """The follower of the latest occurrence, with its follower inside ``tokens``, of the longest suffix
+    n-gram of ``tokens + extra`` (n from max_ngram down to min_ngram), by a scan."""
+    seq = list(tokens) + list(extra)
+    for n in range(cfg.max_ngram, cfg.min_ngram - 1, -1):
+        if n >= len(seq):
+            continue
+        for p in range(len(tokens) - n - 1, -1, -1):
+            if seq[p:p + n] == seq[len(seq) - n:]:
+                return list(tokens[p + n:p + n + cap]) if cap > 0 else []
+    return []
+
+
+@pytest.mark.parametrize("max_ngram,min_ngram", [(3, 1), (2, 2), (1, 1), (4, 2)])
+def test_continuation_of_another_draft_matches_a_scan(max_ngram, min_ngram):
+    """NgramIndex.continuation (the hybrid's merged drafts): the draft as if another drafter's tokens
+    followed the row, from occurrences inside the row, without changing the index."""
+    cfg = LookupConfig(max_ngram=max_ngram, min_ngram=min_ngram, max_draft=6)
+    rng = random.Random(7 * max_ngram + min_ngram)
+    seqs = [[rng.randrange(3) for _ in range(n)] for n in (0, 1, 2, 5, 30, 60)]
+    index = NgramIndex(*left_padded(seqs), cfg)
+    before = drafts_of(index)
+    found = 0
+    for b, row in enumerate(seqs):
+        for _ in range(30):
+            extra = [rng.randrange(3) for _ in range(rng.randint(0, 4))]
+            cap = rng.randint(-1, 7)
+            got = index.continuation(b, extra, cap)
+            assert got == _brute_continuation(row, extra, cap, cfg), (row, extra, cap)
+            found += bool(got)
+    assert found > 0
+    assert drafts_of(index) == before  # nothing was appended
+
+
 def test_draft_follows_the_most_recent_earlier_occurrence():
     # suffix (1,) occurs at 0 and 2; the latest earlier one (2) is followed by 8, 1
     assert single([1, 7, 1, 8, 1]) == [8, 1]

@@ -135,8 +135,44 @@ def test_sampled_drafting_strategies_match_ar_distribution_3_heads(strategy, opt
     assert counts[exact == 0].sum() == 0
 
 
+def test_sampled_merged_drafts_match_ar_distribution(monkeypatch):
+    """The hybrid's merged drafts, sampled: a joint token drawn from head 2, then lookup's point-mass
+    continuation of it (two heads, so every joint draft is one token and the third token of a step
+    can only come from the continuation). Triples after a repetitive prompt; exact as above."""
+    merged = _count_merged_drafts(monkeypatch)
+    model = random_table_model(V=5, H=2, seed=9)
+    P = torch.softmax(model.table[0], -1).double()
+    x0, n = 1, 80000
+    exact = P[x0][:, None, None] * P[:, :, None] * P[None]
+    ids = torch.tensor([[x0, 3, x0, 2, 4, 0, 3, x0]]).expand(n, 8)
+    out = sample(model, ids, strategy="speculative", max_new_tokens=3, do_sample=True, temperature=1.0, top_k=None,
+                 max_draft=2, step_cost=FLAT, generator=torch.Generator().manual_seed(5), return_dict_in_generate=True)
+    assert merged[0] > 1000 and 0 < out.accepted.sum() < out.drafted.sum()
+    assert (out.histogram[:, 2] > 0).any()  # some steps kept a merged draft whole
+    seq = out.sequences[:, 8:]
+    freq = torch.zeros(5, 5, 5, dtype=torch.float64).index_put_((seq[:, 0], seq[:, 1], seq[:, 2]),
+                                                                torch.ones(n, dtype=torch.float64), accumulate=True) / n
+    sd = (exact * (1 - exact) / n).sqrt()
+    assert ((freq - exact).abs() <= 5 * sd + 1e-9).all(), (freq - exact).abs().max()
+    assert 0.5 * (freq - exact).abs().sum() < 0.03
+
+
+def _count_merged_drafts(monkeypatch) -> list:
+    """[rows whose joint draft the hybrid continued with lookup's tokens], counted as the loop runs."""
+    from dynamo_sampling import decoding
+    count, merge = [0], decoding._Decoder._merge_drafts
+
+    def counted(self, prop, joint_value, need):
+        out = merge(self, prop, joint_value, need)
+        count[0] += sum(d >= 0 for d in prop.joint_len)
+        return out
+    monkeypatch.setattr(decoding._Decoder, "_merge_drafts", counted)
+    return count
+
+
 @pytest.mark.parametrize("strategy", ["lookup", "speculative"])
-def test_lookup_and_hybrid_greedy_equal_ar_on_ragged_batch(model, strategy):
+def test_lookup_and_hybrid_greedy_equal_ar_on_ragged_batch(model, monkeypatch, strategy):
+    merged = _count_merged_drafts(monkeypatch)
     ids, mask = ragged_batch(6, seed=21, min_len=8, max_len=30)
     ids[:, -4:] = ids[:, -12:-8]  # repeated spans: lookup drafts fire
     ar = sample(model, ids, mask, strategy="ar", max_new_tokens=20)
@@ -144,6 +180,10 @@ def test_lookup_and_hybrid_greedy_equal_ar_on_ragged_batch(model, strategy):
                  step_cost=FLAT)
     assert torch.equal(out.sequences, ar)
     assert out.drafted.sum() > 0
+    if strategy == "speculative":
+        assert merged[0] > 0  # drafts were merged (joint tokens continued by lookup's)
+        no_merge = sample(model, ids, mask, strategy=strategy, max_new_tokens=20, step_cost=FLAT, merge=False)
+        assert torch.equal(no_merge, ar)
 
 
 def test_draft_sizing_stops_where_a_token_is_not_worth_its_cost():
@@ -362,6 +402,7 @@ def test_errors(model):
         (dict(max_ngram=None), TypeError, r"max_ngram must be an int, got NoneType \(None\)"),
         (dict(joint_k="3"), TypeError, r"joint_k must be an int, got str \('3'\)"),
         (dict(hybrid=1), TypeError, r"hybrid must be a bool, got int \(1\)"),
+        (dict(merge="yes"), TypeError, r"merge must be a bool, got str \('yes'\)"),
         (dict(size_by=None), ValueError, "size_by must be 'cost' or 'thresholds', got None"),
         (dict(step_cost="fast"), TypeError, r"step_cost must be a sequence of real numbers or None, got str \('fast'\)"),
         (dict(step_cost=3.0), TypeError, r"step_cost must be a sequence of real numbers or None, got float \(3.0\)"),
