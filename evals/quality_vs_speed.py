@@ -230,9 +230,11 @@ class Setting:
         """The sweep this setting belongs to (same-quality speed-up is fitted per group)."""
         return "/".join([self.strategy] + ([self.ablation] if self.ablation != "none" else []) + [self.mode])
 
-    def overrides(self) -> dict:
+    def overrides(self, variants: Optional[dict] = None) -> dict:
+        """The sample() keyword arguments of this setting; ``variants``: extra dynamo ablations
+        (``--dynamo-variant``), name -> DynamoConfig overrides."""
         eps = {} if self.eps_b is None else {"eps_b": float(self.eps_b)}
-        extra = SPEC_ABLATIONS if self.strategy == "speculative" else ABLATIONS
+        extra = SPEC_ABLATIONS if self.strategy == "speculative" else {**ABLATIONS, **(variants or {})}
         return {**eps, **extra.get(self.ablation, {})}
 
 
@@ -299,7 +301,7 @@ def run_generations(model, prompts, settings, seeds, args, stats, progress=True)
         return sample(model, ids, mask, strategy=setting.strategy, max_new_tokens=max_new,
                       do_sample=setting.mode == "sampled", temperature=args.temperature, top_k=args.top_k,
                       eos_token_id=None, generator=gen, return_dict_in_generate=True,
-                      stats=stats if setting.strategy != "ar" else None, **setting.overrides())
+                      stats=stats if setting.strategy != "ar" else None, **setting.overrides(args.variants))
 
     for s in sorted({(x.strategy, x.mode) for x in settings}):  # warm-up: first calls pay allocations
         warm = next(x for x in settings if (x.strategy, x.mode) == s)
@@ -627,6 +629,9 @@ def parse_args(argv=None):
     g.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS))
     g.add_argument("--spec-ablations", nargs="*", default=list(SPEC_ABLATIONS), choices=list(SPEC_ABLATIONS),
                    help="speculative variants beside the default (cost-sized drafts, lookup hybrid)")
+    g.add_argument("--dynamo-variant", action="append", default=[], metavar="NAME=JSON",
+                   help="an extra dynamo ablation: DynamoConfig overrides as a JSON object, e.g. "
+                        "'rep2={\"repetition_penalty\": 2.0}' (repeatable; run at --ablation-eps-b)")
     g.add_argument("--ablation-eps-b", type=float, nargs="+", default=None,
                    help="eps_b values for the ablations (default: --eps-b; quick " f"{QUICK['ablation_eps_b']})")
     g.add_argument("--seeds", type=int, nargs="+", default=None, help=f"default {FULL['seeds']} (quick {QUICK['seeds']})")
@@ -645,6 +650,21 @@ def parse_args(argv=None):
             setattr(args, key, default)
     if args.ablation_eps_b is None:
         args.ablation_eps_b = args.eps_b
+    from dynamo_sampling.policy import DynamoConfig
+    args.variants = {}
+    for spec in args.dynamo_variant:
+        name, _, text = spec.partition("=")
+        try:
+            overrides = json.loads(text)
+            if not isinstance(overrides, dict):
+                raise ValueError("not a JSON object")
+            DynamoConfig(**overrides).validate()
+        except (ValueError, TypeError) as e:
+            p.error(f"--dynamo-variant expects NAME=JSON with DynamoConfig fields, got {spec!r}: {e}")
+        if not name or name in ABLATIONS or name in SPEC_ABLATIONS or name in args.variants or "/" in name:
+            p.error(f"--dynamo-variant name {name!r} is empty, has a '/' or is taken")
+        args.variants[name] = overrides
+        args.ablations.append(name)
     for e in args.eps_b + args.ablation_eps_b:
         if not 0.0 <= e <= 1.0:
             p.error(f"--eps-b values must be in [0, 1], got {e}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -162,7 +163,8 @@ def test_quality_vs_speed_quick_end_to_end(tiny, tmp_path):
     stats_path = tmp_path / "stats.npz"
     argv = ["--model-dir", str(tiny["model_dir"]), "--tokenizer", str(tiny["tok"]), "--stats", str(stats_path),
             "--train-tokens", str(tiny["train"]), "--source-dir", str(tiny["src"]), "--quick",
-            "--n-prompts", "2", "--max-new-tokens", "8", "--prompt-tokens", "32", "--out", str(out), "--no-progress"]
+            "--n-prompts", "2", "--max-new-tokens", "8", "--prompt-tokens", "32", "--out", str(out), "--no-progress",
+            "--dynamo-variant", 'rep2={"repetition_penalty": 2.0}']
     assert qvs.main(argv) == 0
     for name in ("results.csv", "results.json", "results.md", "samples.csv", "timings.csv", "completions.jsonl",
                  "speedup_vs_eps.png", "quality_vs_speedup.png"):
@@ -178,7 +180,7 @@ def test_quality_vs_speed_quick_end_to_end(tiny, tmp_path):
         expected |= {f"speculative/thresholds/{mode}/eps_b={e:g}" for e in quick["eps_b"]}
         expected |= {f"speculative/{mode}", f"speculative/no_lookup/{mode}", f"speculative/no_merge/{mode}",
                      f"lookup/{mode}"}
-        for abl in ("no_cooc", "no_adaptive", "no_blur"):
+        for abl in ("no_cooc", "no_adaptive", "no_blur", "rep2"):
             expected |= {f"dynamo/{abl}/{mode}/eps_b={e:g}" for e in quick["ablation_eps_b"]}
     rows = {r["setting"]: r for r in res["settings"]}
     assert set(rows) == expected
@@ -203,6 +205,18 @@ def test_quality_vs_speed_quick_end_to_end(tiny, tmp_path):
         assert 1.0 <= s["speedup"] <= 3.0
     assert "| setting |" in (out / "results.md").read_text()
     assert (out / "speedup_vs_eps.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("variant,message", [
+    ('x={"k": 0}', r"DynamoConfig fields, got .*k \(top-k per head for the joint\) must be >= 1, got 0"),
+    ('x={"nope": 1}', r"DynamoConfig fields, got .*unexpected keyword argument 'nope'"),
+    ('x=[1]', "not a JSON object"),
+    ('no_cooc={"k": 5}', "name 'no_cooc' is empty, has a '/' or is taken"),
+])
+def test_dynamo_variant_errors(capsys, variant, message):
+    with pytest.raises(SystemExit):
+        qvs.parse_args(["--dynamo-variant", variant])
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_prompt_selection_is_deterministic(tiny):
