@@ -9,8 +9,9 @@ Not a test. Usage::
    ``TorchDispatchMode`` over held-out prompts (the stdlib test split, 192 tokens each, 64 new tokens,
    greedy; after a warm-up call, which measures the step cost): the unembedding, the policy, the heads'
    catch-up and the prefill's share are included.
-   The count is deterministic, so it compares trees exactly (copy this file into an earlier checkout
-   and run it there).
+   The count does not depend on timing noise except through the drafting decisions, which read the
+   step costs measured at start-up: `speculative`'s count moves by a few percent between runs, the
+   others' not at all (copy this file into an earlier checkout to compare trees).
 2. Heads whose drafts fail: the bundled model with the signs of heads 2..H's output norms
    randomised; ``ar``, ``speculative`` with joint drafts only (``hybrid=False``) and the hybrid, each
    prompt decoded by all three in alternating order, twice; speed-up = median over prompts of the

@@ -21,8 +21,9 @@ writes them out and takes the new ``last_logits`` at the row's last kept positio
   (a point-mass draft distribution) and ``heads=1``.
 
 Only head 1 is unembedded at every fed position; heads 2..H only at each row's last kept
-position (dynamo: the last fed one), once verification has said which it is. How drafts are
-sized (step cost, acceptance evidence) lives in ``drafting.py``.
+position (dynamo: the last fed one), once verification has said which it is. What ``speculative``
+and ``lookup`` draft, and how a row's draft is chosen, lives in ``drafters.py``; how drafts are
+sized (step cost, acceptance evidence) in ``drafting.py``.
 
 Tokens, logits and the cache stay on the model's device; what the host decides with (the lookup
 index, the drafters' evidence, per-row counts) is plain Python, updated from one transfer at the
@@ -31,7 +32,6 @@ index also reads each step's first token when it is drawn).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -39,16 +39,14 @@ from typing import Optional
 
 import torch
 
-from .drafting import STEP_COST, DraftConfig, Evidence, expected_kept, size_draft, size_drafts, step_cost_tables
+from .drafters import Drafters, Proposal
+from .drafting import STEP_COST, DraftConfig, Evidence, step_cost_tables
 from .graphs import GraphedForward
 from .lookup import LookupConfig, NgramIndex
 from .policy import DynamoConfig, dynamo_step
 from .samplers import SamplingParams
 
 STRATEGIES = ("ar", "dynamo", "speculative", "lookup")
-# a row whose joint drafts have not been worth evaluating (drafts sized by cost) still evaluates them
-# every this many steps, so that its acceptance evidence can recover when the heads get better
-PROBE_EVERY = 16
 # on a CPU, finished rows leave the batch (_Decoder._retire): the rows still decoding run smaller
 # forwards. False keeps every row to the end (the reference the tests compare with).
 RETIRE_FINISHED = True
@@ -83,48 +81,9 @@ class GenerationOutput:
 # ---------------------------------------------------------------- the loop
 
 
-@dataclass
-class Proposal:
-    """What one step feeds.
-
-    tokens : (B, W) int64; ``[t1, d2..dn]`` left-aligned, anything after ``n``.
-    n : (B,) int64; tokens fed per row (0 for finished rows).
-    q_ids, q_probs : (B, W, kq) or None; sampling only: the draft distribution of token j >= 1
-        (``q_probs`` over ``q_ids``), what rejection sampling needs.
-    from_lookup : (B,) bool or None; rows whose draft came from the lookup index.
-    guess_joint, guess_lookup : (B,) int64 or None; each drafter's first draft token (-1: none),
-        judged by head 1 at the first fed position whichever draft is fed (acceptance evidence;
-        only where drafts are sized by cost, the one reader of the evidence).
-    guess_joint_q : (B,) float64 or None; the joint's probability of its first draft token.
-    judged : list of (B,) float64 or None; the guesses' acceptance probabilities (-1: no guess).
-    """
-
-    tokens: torch.Tensor
-    n: torch.Tensor
-    q_ids: Optional[torch.Tensor] = None
-    q_probs: Optional[torch.Tensor] = None
-    from_lookup: Optional[torch.Tensor] = None
-    guess_joint: Optional[torch.Tensor] = None
-    guess_joint_q: Optional[torch.Tensor] = None
-    guess_lookup: Optional[torch.Tensor] = None
-    accept: Optional[torch.Tensor] = None  # (B, H-1 or W-1) float64: the joint draft's acceptance estimates
-    judged: Optional[list] = None
-    joint_len: Optional[list] = None  # host, per row: joint tokens of a merged draft, -1 where not merged
-
-
-@dataclass
-class LookupDraft:
-    """The lookup drafter's proposal, on the host (per row lists): the drafts, their sized lengths,
-    values (expected kept tokens per unit of cost) and the acceptance estimates they were sized with."""
-
-    drafts: list
-    length: list
-    value: list
-    accept: Optional[list]  # None where drafts are used whole (no sizing)
-
-
-class _Decoder:
-    """The loop's state and its four stages (see the module docstring)."""
+class _Decoder(Drafters):
+    """The loop's state and its four stages (see the module docstring); what ``speculative`` and
+    ``lookup`` propose is :class:`~dynamo_sampling.drafters.Drafters`'."""
 
     def __init__(self, model, input_ids, mask, *, strategy, max_new_tokens, sampling: SamplingParams, eos_token_id,
                  pad_token_id, dynamo: DynamoConfig, draft: DraftConfig, lookup: LookupConfig, stats, backend,
@@ -215,37 +174,6 @@ class _Decoder:
         self.may_retire = (RETIRE_FINISHED and not self.static and graph_capture is None
                            and hasattr(self.cache, "select_rows"))
 
-    def _joint_overhead(self, table) -> tuple:
-        """What evaluating the joint costs beyond the forward, in units of a head-1, 1-token forward:
-        (the policy call, timed here on the prefill's logits (fastest of 3); with heads on demand,
-        bringing heads 2..H up to date (about their share of a forward), else 0). Zeros with a given
-        step_cost."""
-        if table["seconds"] is None:
-            return 0.0, 0.0
-        sync = torch.cuda.synchronize if self.dev.type == "cuda" else (lambda: None)
-        cfg = dataclasses.replace(self.dynamo, k=min(self.draft.joint_k, self.dynamo.k), eps_b=0.0,
-                                  adaptive_threshold=False)
-        first = self.last_logits[:, 0].argmax(-1)
-        best = float("inf")
-        for _ in range(3):
-            sync()
-            t0 = time.perf_counter()
-            self.step_policy(self.last_logits, cfg, stats=self.stats, first_tokens=first)
-            sync()
-            best = min(best, time.perf_counter() - t0)
-        catch_up = 0.0
-        if self.lazy:  # heads 2..H on one position + their logits; padding (-1) writes only the spare slot
-            pos = torch.full((self.B, 1), -1, dtype=torch.long, device=self.dev)
-            stem = self.model(torch.zeros_like(pos), pos, self.cache, heads=1, output_hidden=True, output_stem=True)[1]
-            catch_up = float("inf")
-            for _ in range(3):
-                sync()
-                t0 = time.perf_counter()
-                self.model.head_logits(self.model.extra_heads(stem, pos, self.cache)[:, 0])
-                sync()
-                catch_up = min(catch_up, time.perf_counter() - t0)
-        return best / table["seconds"], catch_up / table["seconds"]
-
     # ------------------------------------------------------------ propose
 
     def _head1_target(self, head1: torch.Tensor) -> torch.Tensor:
@@ -274,80 +202,12 @@ class _Decoder:
                                 first_tokens=first_tokens, max_tokens=self.max_new - self.n_gen)
 
     def propose(self, active, active_h) -> Proposal:
-        B, W, dev = self.B, self.W, self.dev
         if self.strategy == "ar":
             return Proposal(self._first_token()[:, None], active.long())
         if self.strategy == "dynamo":
             pol = self._policy(self.dynamo)
             return Proposal(pol.tokens, torch.where(active, pol.n, 0))
-        first = self._first_token()
-        tokens = torch.full((B, W), -1, dtype=torch.long, device=dev)
-        tokens[:, 0] = first
-        prop = Proposal(tokens, torch.ones(B, dtype=torch.long, device=dev))
-        lookup = self._lookup_draft(first, active_h) if self.index is not None else None
-        joint_value, joint = None, False
-        if self.strategy == "speculative" and self.H > 1:  # one head: nothing to draft with
-            need = active_h
-            if self.cost is not None:
-                # skip the policy in rows where no joint draft could beat the lookup draft (or, without
-                # one, feeding no draft), unless the row has not evaluated it for PROBE_EVERY steps
-                alt = lookup.value if lookup is not None else [1.0 / self.cost_lookup_h[0]] * B
-                lookup_len = lookup.length if lookup is not None else [0] * B
-                need = [a and (self.since_joint_h[b] >= PROBE_EVERY or
-                               not alt[b] >= self._joint_bound(b, against_lookup=lookup_len[b] > 0))
-                        for b, a in enumerate(active_h)]
-            joint = any(need)
-            if joint:
-                if self.lazy:
-                    self._catch_up_heads()
-                joint_value = self._joint_draft(prop, first, self.max_new - self.n_gen)
-                if lookup is not None and self.cost is not None and self.draft.merge:
-                    joint_value = self._merge_drafts(prop, joint_value, need)
-            self.since_joint_h = [0 if joint else n + 1 for n in self.since_joint_h]
-        use = self._use_lookup(prop, lookup, joint_value) if lookup is not None else None
-        prop.n = torch.where(active, prop.n, 0)
-        # this step's forward runs every head unless no row feeds a joint draft (heads on demand)
-        self.step_heads = self.heads
-        joint_rows = active if use is None else active & ~use
-        if self.lazy and (not joint or not bool((joint_rows & (prop.n > 1)).any())):
-            self.step_heads = 1
-        if B > 1 and self.cost is not None and not self.static:  # static: the width is W whatever is fed
-            lookup_accept = None
-            if lookup is not None:
-                D = self.lookup.max_draft
-                lookup_accept = torch.tensor([a + [0.0] * (D - len(a)) for a in lookup.accept], dtype=torch.float64,
-                                             device=dev)
-            self._cap_to_batch(prop, lookup_accept, use, active)
-        return prop
-
-    def _joint_bound(self, b: int, against_lookup: bool) -> float:
-        """The most a joint draft could be worth in row b: its value (expected kept tokens per unit
-        of cost, the joint's overhead included) if the heads were certain of every draft token, with
-        the rates _joint_draft would use (their prior q at its largest, 1). The heads' catch-up (when
-        the last forward ran head 1 alone) is charged against a lookup draft, which usually wins the
-        next steps too, so every switch to the joint pays it; against no draft it is not: a row that
-        keeps feeding joint drafts runs every head in every forward and pays it once."""
-        ev = self.joint_ev
-        accept = [ev.first_rate(b, 1.0)] + [ev.cont_rate(b, 1.0)] * (self.H - 2)
-        cost = self.cost_joint_behind_h if self.heads_behind and against_lookup else self.cost_joint_h
-        return size_draft(accept, self.max_new - self.n_gen_h[b] - 1, cost)[1]
-
-    def _cap_to_batch(self, prop: Proposal, lookup_accept, use, active):
-        """A batch feeds as many columns as its longest draft, and every row pays for them: cap all
-        drafts at the width w that maximises the batch's expected kept tokens per unit of the cost of
-        feeding w columns (each row sized itself as if the batch fed its own width). Reads only the
-        acceptance estimates the drafts were sized with (made before any token was drawn); no host sync."""
-        B, W, dev = self.B, self.W, self.dev
-        acc = torch.zeros(B, W - 1, dtype=torch.float64, device=dev)  # the fed draft's, token j = 1..W-1
-        if prop.accept is not None:
-            acc[:, :prop.accept.shape[1]] = prop.accept
-        if use is not None:
-            D = lookup_accept.shape[1]
-            acc[:, :D] = torch.where(use[:, None], lookup_accept, acc[:, :D])
-        acc = torch.where(self.ar_w[None, 1:] < prop.n[:, None], acc, 0.0)  # beyond a row's draft: 0
-        total = (expected_kept(acc) * active[:, None]).sum(0)  # (W,): every row fed min(its n, w) tokens
-        cost = self.cost if self.step_heads > 1 else self.cost_lookup
-        prop.n = torch.minimum(prop.n, (total / cost[:W]).argmax() + 1)
+        return self.propose_draft(self._first_token(), active, active_h)  # drafters.py
 
     def _catch_up_heads(self):
         """Heads 2..H on the positions that head-1-only forwards skipped, from the saved stem
@@ -364,136 +224,6 @@ class _Decoder:
             fresh = self.model.head_logits(last)
             self.last_logits[:, 1:] = torch.where((behind > 0)[:, None, None], fresh, self.last_logits[:, 1:])
         self.heads_len = self.cache.lengths.clone()
-
-    def _joint_draft(self, prop: Proposal, first, remaining) -> torch.Tensor:
-        """The heads' joint n-gram after ``first``, sized; fills ``prop``, returns its value (B,)."""
-        B, W, dev = self.B, self.W, self.dev
-        cfg = self.dynamo
-        if self.draft.size_by == "cost":
-            cfg = dataclasses.replace(cfg, k=min(self.draft.joint_k, cfg.k), eps_b=0.0, adaptive_threshold=False)
-        pol = self._policy(cfg, first_tokens=first)
-        jn = pol.n.clamp(max=remaining)  # (B,) 1..H
-        H, k = pol.topk_ids.shape[1], pol.topk_ids.shape[2]
-        if self.cost is not None:
-            q = pol.draft_probs[:, 1:].double()  # (B, H-1, k) q_j over the top-k
-            q_drawn = (q * (pol.topk_ids[:, 1:] == pol.tokens[:, 1:, None].clamp(min=0))).sum(-1)  # (B, H-1)
-            prop.guess_joint = torch.where(jn > 1, pol.tokens[:, 1], -1)
-            prop.guess_joint_q = q_drawn[:, 0]
-            # acceptance of draft token j, known before it is drawn: greedy, the draft's own
-            # probability of its (deterministic) token; sampling, sum_x q_j(x)^2, the chance that a
-            # draw from q_j agrees with another.
-            acc = (q * q).sum(-1) if self.sp.do_sample else q_drawn
-            # token 1's is the row's observed first rate, later ones the observed continuation rate,
-            # each with the heads' own estimate as its prior
-            acc = self.joint_ev.rates(acc)
-            d_len, value = size_drafts(acc, jn - 1, self.cost)
-            prop.accept = acc
-            if self.sp.do_sample:  # the choice against lookup must not read the drawn tokens
-                value = size_drafts(acc[:, :1].expand_as(acc), jn - 1, self.cost)[1]
-            jn = 1 + d_len
-        else:
-            value = (jn - 1).double()
-        prop.n = jn
-        prop.tokens[:, 1:H] = pol.tokens[:, 1:]
-        if self.sp.do_sample:
-            prop.q_ids = torch.zeros(B, W, k, dtype=torch.long, device=dev)
-            prop.q_probs = torch.zeros(B, W, k, dtype=torch.float32, device=dev)
-            prop.q_ids[:, :H], prop.q_probs[:, :H] = pol.topk_ids, pol.draft_probs
-        return value
-
-    def _merge_drafts(self, prop: Proposal, joint_value: torch.Tensor, need) -> torch.Tensor:
-        """Hybrid: continue each row's joint draft with the lookup index's continuation of it, sized
-        with the joint's acceptance estimates for its own tokens and lookup's for the continuation,
-        where that is worth more than the joint draft alone (``DraftConfig.merge``). Returns the
-        joint's value for the choice against the lookup draft: greedy, the merged draft's; sampling,
-        unchanged, since that choice must not read drawn tokens (continuing a draft after its drawn
-        tokens is only a longer draft: each token keeps its own conditional, a point mass here)."""
-        B, W, H = self.B, self.W, self.H
-        n_h, acc = prop.n.tolist(), prop.accept.tolist()
-        drafts, values = prop.tokens[:, 1:H].tolist(), joint_value.tolist()
-        ev = self.lookup_ev
-        prop.joint_len = [-1] * B
-        merged = {}
-        for b in range(B):
-            d = n_h[b] - 1
-            if not need[b] or d < 1:
-                continue
-            cont = self.index.continuation(b, drafts[b][:d], min(W - 1 - d, self.max_new - self.n_gen_h[b] - 1 - d))
-            if not cont:
-                continue
-            a = acc[b][:d] + [ev.first_rate(b)] + [ev.cont_rate(b)] * (len(cont) - 1)
-            length, value = size_draft(a, d + len(cont), self.cost_h)
-            if length > d and value > size_draft(a[:d], d, self.cost_h)[1]:
-                merged[b] = (cont[:length - d], a)
-                prop.joint_len[b] = d
-                if not self.sp.do_sample:
-                    values[b] = value
-        if not merged:
-            return joint_value
-        tokens, accept = prop.tokens.tolist(), [r + [0.0] * (W - 1 - len(r)) for r in acc]
-        n = list(n_h)
-        for b, (cont, a) in merged.items():
-            d = n_h[b] - 1
-            tokens[b][1 + d:1 + d + len(cont)] = cont
-            accept[b][:len(a)] = a
-            n[b] = 1 + d + len(cont)
-        dev = self.dev
-        new = torch.tensor(tokens, dtype=torch.long, device=dev)
-        if self.sp.do_sample:  # the continuation is a point mass at each of its tokens
-            cols = torch.arange(W, device=dev)[None]
-            at = (cols > prop.n[:, None] - 1) & (cols < torch.tensor(n, device=dev)[:, None])  # (B, W)
-            point_ids = torch.zeros_like(prop.q_ids)
-            point_ids[..., 0] = new.clamp(min=0)
-            point_probs = torch.zeros_like(prop.q_probs)
-            point_probs[..., 0] = 1.0
-            prop.q_ids = torch.where(at[..., None], point_ids, prop.q_ids)
-            prop.q_probs = torch.where(at[..., None], point_probs, prop.q_probs)
-        prop.tokens = new
-        prop.n = torch.tensor(n, dtype=torch.long, device=dev)
-        prop.accept = torch.tensor(accept, dtype=torch.float64, device=dev)
-        return torch.tensor(values, dtype=torch.float64, device=dev)
-
-    def _lookup_draft(self, first, active_h) -> LookupDraft:
-        """The prompt-lookup draft after ``first`` (B,), drafted and sized on the host, where the
-        index lives (finished rows draft nothing)."""
-        self.index.extend([[t] if a else [] for t, a in zip(first.tolist(), active_h)])
-        drafts = self.index.drafts([self.max_new - g - 1 if a else 0 for g, a in zip(self.n_gen_h, active_h)])
-        if self.cost is None:  # used whole
-            return LookupDraft(drafts, [len(d) for d in drafts], [float(len(d)) for d in drafts], None)
-        length, value, accept = [], [], []
-        for b, d in enumerate(drafts):
-            acc = [self.lookup_ev.first_rate(b)] + [self.lookup_ev.cont_rate(b)] * (len(d) - 1) if d else []
-            n, v = size_draft(acc, len(d), self.cost_lookup_h)
-            length.append(n)
-            value.append(v)
-            accept.append(acc)
-        return LookupDraft(drafts, length, value, accept)
-
-    def _use_lookup(self, prop: Proposal, lookup: LookupDraft, joint_value) -> torch.Tensor:
-        """Feed the lookup draft (its sized length) in the rows where it is worth more than the
-        joint's (``joint_value`` (B,), or None where no row evaluated the joint); returns those rows."""
-        B, W, dev, D = self.B, self.W, self.dev, self.lookup.max_draft
-        draft = torch.tensor([d + [-1] * (D - len(d)) for d in lookup.drafts], dtype=torch.long, device=dev).view(B, D)
-        ld = torch.tensor(lookup.length, dtype=torch.long, device=dev)
-        use = ld > 0
-        if joint_value is not None:
-            use &= torch.tensor(lookup.value, dtype=torch.float64, device=dev) > joint_value
-        if self.cost is not None:
-            prop.guess_lookup = draft[:, 0]  # -1 where the row has no draft
-        prop.from_lookup = use
-        prop.n = torch.where(use, 1 + ld, prop.n)
-        prop.tokens[:, 1:1 + D] = torch.where(use[:, None], draft, prop.tokens[:, 1:1 + D])
-        if self.sp.do_sample:  # a lookup draft is a point mass
-            if prop.q_ids is None:
-                prop.q_ids = torch.zeros(B, W, 1, dtype=torch.long, device=dev)
-                prop.q_probs = torch.zeros(B, W, 1, dtype=torch.float32, device=dev)
-            point_ids = torch.zeros_like(prop.q_ids[:, 1:1 + D])
-            point_ids[..., 0] = draft.clamp(min=0)
-            point_probs = torch.zeros_like(prop.q_probs[:, 1:1 + D])
-            point_probs[..., 0] = 1.0
-            prop.q_ids[:, 1:1 + D] = torch.where(use[:, None, None], point_ids, prop.q_ids[:, 1:1 + D])
-            prop.q_probs[:, 1:1 + D] = torch.where(use[:, None, None], point_probs, prop.q_probs[:, 1:1 + D])
-        return use
 
     # ------------------------------------------------------------ feed
 
@@ -543,24 +273,6 @@ class _Decoder:
             self.residual = torch.where(rejected[:, None], q, 0.0)
         return keep
 
-    def _judge_first_guesses(self, prop: Proposal, target0: torch.Tensor, active):
-        """Each drafter's first draft token against head 1's target at the first fed position
-        (probs (B, V) or argmax (B,)): the probability it would be accepted (greedy: 0 or 1;
-        sampling: min(1, p / q)), -1 where the drafter proposed none; into ``prop.judged``."""
-        if prop.guess_joint is None and prop.guess_lookup is None:
-            return
-        prop.judged = []
-        for guess, q in ((prop.guess_joint, prop.guess_joint_q), (prop.guess_lookup, None)):
-            if guess is None:
-                continue
-            if self.sp.do_sample:
-                accept = target0.gather(1, guess.clamp(min=0)[:, None])[:, 0].double()
-                if q is not None:
-                    accept = (accept / q.clamp(min=1e-30)).clamp(max=1.0)
-            else:
-                accept = (guess == target0).double()
-            prop.judged.append(torch.where(active & (guess >= 0), accept, -1.0))
-
     # ------------------------------------------------------------ commit
 
     def commit(self, prop: Proposal, keep: torch.Tensor, T: int):
@@ -609,19 +321,7 @@ class _Decoder:
             self.drafted_h[b] += drafted
             self.accepted_h[b] += accepted
             if prop.judged is not None:  # the evidence: only sizing by cost reads it
-                judged = row[4:]
-                if prop.guess_joint is not None and judged[0] >= 0:
-                    self.joint_ev.add_first(b, judged[0])
-                if prop.guess_lookup is not None and judged[-1] >= 0:
-                    self.lookup_ev.add_first(b, judged[-1])
-                lk = from_lookup is not None and from_lookup[b]
-                d = -1 if lk or prop.joint_len is None else prop.joint_len[b]
-                if d >= 0:  # a merged draft: the joint's tokens, then (if they all passed) lookup's
-                    self.joint_ev.add_fed(b, d, min(accepted, d))
-                    if accepted >= d:
-                        self.lookup_ev.add_fed(b, drafted - d, accepted - d)
-                elif drafted > 0:
-                    (self.lookup_ev if lk else self.joint_ev).add_fed(b, drafted, accepted)
+                self._add_evidence(prop, b, row[4:], drafted, accepted, from_lookup is not None and from_lookup[b])
             if fed is not None:
                 extend[b] = fed[b][:accepted]
         if fed is not None:

@@ -203,7 +203,7 @@ def test_speculative_stops_evaluating_a_joint_whose_drafts_always_fail(monkeypat
     """Heads 2..H that are always wrong: after a few refused drafts the joint (policy call, heads'
     catch-up) is evaluated only every PROBE_EVERY steps and the steps run head 1 alone; heads that
     are right keep it evaluated every step. Greedy output is ar's either way."""
-    from dynamo_sampling import decoding
+    from dynamo_sampling import decoding, drafters
     calls = []
     policy = decoding.dynamo_step
     monkeypatch.setattr(decoding, "dynamo_step", lambda *a, **k: calls.append(1) or policy(*a, **k))
@@ -211,7 +211,7 @@ def test_speculative_stops_evaluating_a_joint_whose_drafts_always_fail(monkeypat
     bad = oracle_model(V=128, H=3)
     bad.table[1:] = bad.table[1:].roll(1, dims=-1)  # heads 2, 3: a token next to the right one
     ids = torch.tensor([[3, 9, 4]])  # no repeats: lookup has nothing to draft
-    for model, most in ((bad, 4 + 64 // decoding.PROBE_EVERY + 1), (good, None)):
+    for model, most in ((bad, 4 + 64 // drafters.PROBE_EVERY + 1), (good, None)):
         calls.clear()
         out = sample(model, ids, strategy="speculative", max_new_tokens=64, hybrid=hybrid,
                      step_cost=(1.0, 1.3, 1.4), return_dict_in_generate=True)
