@@ -80,11 +80,21 @@ def op_counts(model, stats, prompts, strategy) -> dict:
 
 
 def failing_heads(model, stats, prompts) -> dict:
+    saved = [norm.weight.detach().clone() for norm in model.head_norms[1:]]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for norm in model.head_norms[1:]:
             signs = torch.randint(0, 2, norm.weight.shape, generator=g).float().mul(2).sub(1)
             norm.weight.mul_(signs.to(norm.weight.dtype))
+    try:
+        return _failing_heads(model, stats, prompts)
+    finally:  # the caller's model gets its heads back
+        with torch.no_grad():
+            for norm, w in zip(model.head_norms[1:], saved):
+                norm.weight.copy_(w)
+
+
+def _failing_heads(model, stats, prompts) -> dict:
     settings = {"ar": dict(strategy="ar"), "speculative, joint drafts only": dict(strategy="speculative", hybrid=False),
                 "speculative (hybrid)": dict(strategy="speculative")}
     for kw in settings.values():
