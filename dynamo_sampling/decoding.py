@@ -89,7 +89,6 @@ class _Decoder(Drafters):
                  pad_token_id, dynamo: DynamoConfig, draft: DraftConfig, lookup: LookupConfig, stats, backend,
                  graph_capture=None):
         self.model, self.strategy, self.sp = model, strategy, sampling
-        self.pad_token_id = pad_token_id
         self.dynamo, self.draft, self.lookup, self.stats = dynamo, draft, lookup, stats
         if backend == "cuda":
             from .kernels import cuda_dynamo_step as step_policy
