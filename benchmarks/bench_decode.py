@@ -218,11 +218,17 @@ def decode_run(model, ids, *, strategy, do_sample, backend, stats, max_new_token
 
 
 def add_speedups(rows: list):
-    """``speedup_vs_ar``: tokens/s over the ``ar`` row with the same B, mode and backend."""
+    """``speedup_vs_ar``: tokens/s over the ``ar`` row with the same B, mode and backend;
+    ``kept_of_b1``: that speed-up over the same setting's at B = 1 (how much of the single-row
+    speed-up a batch keeps; None without a B = 1 row)."""
     ar = {(r["B"], r["mode"], r["backend"]): r["tokens_per_s"] for r in rows if r["strategy"] == "ar"}
     for r in rows:
         base = ar.get((r["B"], r["mode"], r["backend"]))
         r["speedup_vs_ar"] = r["tokens_per_s"] / base if base else None
+    one = {(r["strategy"], r["mode"], r["backend"]): r["speedup_vs_ar"] for r in rows if r["B"] == 1}
+    for r in rows:
+        b1 = one.get((r["strategy"], r["mode"], r["backend"]))
+        r["kept_of_b1"] = r["speedup_vs_ar"] / b1 if b1 and r["speedup_vs_ar"] is not None else None
 
 
 # ---------------------------------------------------------------- report
@@ -248,11 +254,11 @@ def markdown(result: dict) -> str:
             continue
         per_row = result[part][0]["new_tokens"] // result[part][0]["B"]
         out += [f"### {title} ({per_row} new tokens a row)", "",
-                "| B | mode | strategy | backend | tokens/step | ms/step | tokens/s | accept | speed-up |",
-                "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+                "| B | mode | strategy | backend | tokens/step | ms/step | tokens/s | accept | speed-up | of B = 1's |",
+                "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         out += [f"| {r['B']} | {r['mode']} | {r['strategy']} | {r['backend']} | {r['tokens_per_step']:.2f} | "
                 f"{r['ms_per_step']:.2f} | {r['tokens_per_s']:.0f} | {_fmt(r['acceptance'], '.2f')} | "
-                f"{_fmt(r['speedup_vs_ar'], '.2f')} |" for r in result[part]]
+                f"{_fmt(r['speedup_vs_ar'], '.2f')} | {_fmt(r.get('kept_of_b1'), '.2f')} |" for r in result[part]]
         out.append("")
     if result["errors"]:
         out += ["### Errors", ""] + [f"- {e['where']}: {e['error']}" for e in result["errors"]] + [""]
