@@ -66,6 +66,17 @@ class LookupDraft:
     accept: Optional[list]  # None where drafts are used whole (no sizing)
 
 
+def _point_masses(prop: Proposal, at: torch.Tensor):
+    """Sampling: the draft distribution of token j becomes a point mass at ``prop.tokens[b, j]``
+    wherever ``at[b, j]`` (B, W) (a lookup draft, or lookup's continuation of the joint's)."""
+    ids = torch.zeros_like(prop.q_ids)
+    ids[..., 0] = prop.tokens.clamp(min=0)
+    probs = torch.zeros_like(prop.q_probs)
+    probs[..., 0] = 1.0
+    prop.q_ids = torch.where(at[..., None], ids, prop.q_ids)
+    prop.q_probs = torch.where(at[..., None], probs, prop.q_probs)
+
+
 class Drafters:
     """The drafting steps of the decoding loop (see the module docstring)."""
 
@@ -216,9 +227,9 @@ class Drafters:
         joint's value for the choice against the lookup draft: greedy, the merged draft's; sampling,
         unchanged, since that choice must not read drawn tokens (continuing a draft after its drawn
         tokens is only a longer draft: each token keeps its own conditional, a point mass here)."""
-        B, W, H = self.B, self.W, self.H
-        n_h, acc = prop.n.tolist(), prop.accept.tolist()
-        drafts, values = prop.tokens[:, 1:H].tolist(), joint_value.tolist()
+        B, W = self.B, self.W
+        n_h, acc, tokens = prop.n.tolist(), prop.accept.tolist(), prop.tokens.tolist()
+        values = joint_value.tolist()
         ev = self.lookup_ev
         prop.joint_len = [-1] * B
         merged = {}
@@ -226,7 +237,7 @@ class Drafters:
             d = n_h[b] - 1
             if not need[b] or d < 1:
                 continue
-            cont = self.index.continuation(b, drafts[b][:d], min(W - 1 - d, self.max_new - self.n_gen_h[b] - 1 - d))
+            cont = self.index.continuation(b, tokens[b][1:1 + d], min(W - 1 - d, self.max_new - self.n_gen_h[b] - 1 - d))
             if not cont:
                 continue
             a = acc[b][:d] + [ev.first_rate(b)] + [ev.cont_rate(b)] * (len(cont) - 1)
@@ -238,7 +249,7 @@ class Drafters:
                     values[b] = value
         if not merged:
             return joint_value
-        tokens, accept = prop.tokens.tolist(), [r + [0.0] * (W - 1 - len(r)) for r in acc]
+        accept = [r + [0.0] * (W - 1 - len(r)) for r in acc]
         n = list(n_h)
         for b, (cont, a) in merged.items():
             d = n_h[b] - 1
@@ -246,18 +257,11 @@ class Drafters:
             accept[b][:len(a)] = a
             n[b] = 1 + d + len(cont)
         dev = self.dev
-        new = torch.tensor(tokens, dtype=torch.long, device=dev)
+        prop.tokens = torch.tensor(tokens, dtype=torch.long, device=dev)
+        n_new = torch.tensor(n, dtype=torch.long, device=dev)
         if self.sp.do_sample:  # the continuation is a point mass at each of its tokens
-            cols = torch.arange(W, device=dev)[None]
-            at = (cols > prop.n[:, None] - 1) & (cols < torch.tensor(n, device=dev)[:, None])  # (B, W)
-            point_ids = torch.zeros_like(prop.q_ids)
-            point_ids[..., 0] = new.clamp(min=0)
-            point_probs = torch.zeros_like(prop.q_probs)
-            point_probs[..., 0] = 1.0
-            prop.q_ids = torch.where(at[..., None], point_ids, prop.q_ids)
-            prop.q_probs = torch.where(at[..., None], point_probs, prop.q_probs)
-        prop.tokens = new
-        prop.n = torch.tensor(n, dtype=torch.long, device=dev)
+            _point_masses(prop, (self.ar_w[None] >= prop.n[:, None]) & (self.ar_w[None] < n_new[:, None]))
+        prop.n = n_new
         prop.accept = torch.tensor(accept, dtype=torch.float64, device=dev)
         return torch.tensor(values, dtype=torch.float64, device=dev)
 
@@ -295,12 +299,7 @@ class Drafters:
             if prop.q_ids is None:
                 prop.q_ids = torch.zeros(B, W, 1, dtype=torch.long, device=dev)
                 prop.q_probs = torch.zeros(B, W, 1, dtype=torch.float32, device=dev)
-            point_ids = torch.zeros_like(prop.q_ids[:, 1:1 + D])
-            point_ids[..., 0] = draft.clamp(min=0)
-            point_probs = torch.zeros_like(prop.q_probs[:, 1:1 + D])
-            point_probs[..., 0] = 1.0
-            prop.q_ids[:, 1:1 + D] = torch.where(use[:, None, None], point_ids, prop.q_ids[:, 1:1 + D])
-            prop.q_probs[:, 1:1 + D] = torch.where(use[:, None, None], point_probs, prop.q_probs[:, 1:1 + D])
+            _point_masses(prop, use[:, None] & (self.ar_w[None] >= 1) & (self.ar_w[None] <= D))
         return use
 
     def _judge_first_guesses(self, prop: Proposal, target0: torch.Tensor, active):

@@ -193,18 +193,7 @@ class NgramIndex:
         """:meth:`propose` as host lists: row ``b``'s draft, at most ``min(caps[b], max_draft)``
         tokens (none where ``caps[b] <= 0``), unpadded."""
         D = self.cfg.max_draft
-        return [self._row_draft(b, min(cap, D)) if cap > 0 else [] for b, cap in enumerate(caps)]
-
-    def _row_draft(self, b: int, cap: int) -> List[int]:
-        tokens, last = self._tokens[b], self._last[b]
-        L = len(tokens)
-        for n in reversed(self._sizes):
-            if n >= L:  # the suffix needs an earlier start p >= 0 with p < L - n
-                continue
-            p = last.get(tuple(tokens[L - n:]))
-            if p is not None:
-                return tokens[p + n:p + n + cap]
-        return []
+        return [self.continuation(b, (), min(cap, D)) for b, cap in enumerate(caps)]
 
     def continuation(self, b: int, extra: Sequence[int], cap: int) -> List[int]:
         """Row ``b``'s draft as if ``extra`` followed its tokens (another drafter's draft, to be
@@ -216,7 +205,7 @@ class NgramIndex:
         tail = tokens[max(len(tokens) - self.cfg.max_ngram, 0):] + list(extra)
         L = len(tokens) + len(extra)
         for n in reversed(self._sizes):
-            if n >= L:
+            if n >= L:  # the suffix needs an earlier start p >= 0 with p < L - n
                 continue
             p = last.get(tuple(tail[len(tail) - n:]))
             if p is not None:
