@@ -81,7 +81,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dynamo_sampling import corpus, sample  # noqa: E402
+from dynamo_sampling import DynamoConfig, corpus, sample  # noqa: E402
 from dynamo_sampling.tokenizer import EOS_ID, decode, encode  # noqa: E402
 from evals import metrics  # noqa: E402
 from evals.assets import add_asset_args, load_assets, machine_info, machine_line  # noqa: E402
@@ -650,7 +650,6 @@ def parse_args(argv=None):
             setattr(args, key, default)
     if args.ablation_eps_b is None:
         args.ablation_eps_b = args.eps_b
-    from dynamo_sampling.policy import DynamoConfig
     args.variants = {}
     for spec in args.dynamo_variant:
         name, _, text = spec.partition("=")
