@@ -147,7 +147,10 @@ class _Decoder(Drafters):
             self.cost = table[self.heads]  # a forward as this strategy runs it
             self.cost_lookup = table[1] if self.lazy or strategy == "lookup" else self.cost
             self.cost_lookup_h = self.cost_lookup.tolist()  # the host-side sizing's copy
-            self.cost_h = self.cost.tolist()
+            # what a draft of d = 0, 1, ... tokens costs the row that feeds it: with heads on demand, no
+            # draft runs head 1 alone (the heads catch up when the joint is next fed)
+            self.cost_draft = torch.cat([self.cost_lookup[:1], self.cost[1:]]) if self.lazy else self.cost
+            self.cost_draft_h = self.cost_draft.tolist()
             if strategy == "speculative":
                 given = None if draft.step_cost is None else tuple(draft.step_cost)
                 key = ("joint", id(model), str(dev), next(iter(model.parameters()), torch.empty(0)).dtype, B,

@@ -223,6 +223,28 @@ def test_speculative_stops_evaluating_a_joint_whose_drafts_always_fail(monkeypat
             assert len(calls) >= steps - 1 and out.tokens_per_step > 2.5  # the last step has 1 token left
 
 
+def test_heads_on_demand_price_a_step_without_a_joint_draft_at_head_1_alone(monkeypatch):
+    """With heads on demand a step that feeds no joint draft runs head 1 alone, so a joint draft must
+    be worth more than that step, not more than a forward of every head on one token. Heads 2..3 split
+    their mass over four tokens (the drawn one always wrong, q ~ 0.26): against a 3-head step a draft
+    of one token looks worth it (1.26 / 1.4 > 1 / 1.3), against head 1 alone it is not (1.26 / 1.4 < 1)."""
+    from dynamo_sampling import decoding
+    model = oracle_model(V=64, H=3)
+    right = model.table[1:].argmax(-1)  # (2, V)
+    for j, bump in ((1, 20.1), (2, 20.05), (3, 20.0)):  # three wrong tokens, the first the most likely
+        model.table[1:].scatter_(-1, ((right + j) % 64)[..., None], bump)
+    ids = torch.tensor([[3, 9, 4]])
+    drafted = {}
+    for name, head1 in (("head 1 alone", (1.0, 1.1, 1.2)), ("every head", (1.3, 1.4, 1.5))):
+        table = {1: torch.tensor(head1, dtype=torch.float64), 3: torch.tensor((1.3, 1.4, 1.5), dtype=torch.float64),
+                 "seconds": None}
+        monkeypatch.setattr(decoding, "step_cost_tables", lambda *a, table=table, **k: table)
+        out = sample(model, ids, strategy="speculative", hybrid=False, max_new_tokens=32, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, sample(model, ids, strategy="ar", max_new_tokens=32))
+        drafted[name] = int(out.drafted.sum())
+    assert drafted["head 1 alone"] == 0 and drafted["every head"] > 0
+
+
 def test_host_draft_sizing_matches_the_tensor_rule_exactly():
     """size_draft (one row, Python floats: the lookup drafter's sizing) is size_drafts' fast path:
     the same lengths and bit-identical values, ties and caps included."""
@@ -571,11 +593,10 @@ def test_batch_drafts_are_capped_at_the_width_that_pays_for_the_batch():
 
     def cap(cost, accept, n):
         table = torch.tensor(cost, dtype=torch.float64)
-        me = SimpleNamespace(B=3, W=5, dev=torch.device("cpu"), step_heads=1, cost=table, cost_lookup=table,
-                             ar_w=torch.arange(5))
+        me = SimpleNamespace(B=3, W=5, dev=torch.device("cpu"), ar_w=torch.arange(5))
         prop = Proposal(torch.zeros(3, 5, dtype=torch.long), torch.tensor(n))
         rows = torch.tensor([True, True, False])
-        _Decoder._cap_to_batch(me, prop, torch.tensor(accept, dtype=torch.float64), rows, rows)
+        _Decoder._cap_to_batch(me, prop, torch.tensor(accept, dtype=torch.float64), rows, rows, table)
         return prop.n.tolist()
 
     unlikely = [[0.2] * 4, [0.0] * 4, [0.9] * 4]
