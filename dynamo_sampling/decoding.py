@@ -147,9 +147,11 @@ class _Decoder(Drafters):
             self.cost = table[self.heads]  # a forward as this strategy runs it
             self.cost_lookup = table[1] if self.lazy or strategy == "lookup" else self.cost
             self.cost_lookup_h = self.cost_lookup.tolist()  # the host-side sizing's copy
-            # what a draft of d = 0, 1, ... tokens costs the row that feeds it: with heads on demand, no
-            # draft runs head 1 alone (the heads catch up when the joint is next fed)
-            self.cost_draft = torch.cat([self.cost_lookup[:1], self.cost[1:]]) if self.lazy else self.cost
+            # what a draft of d = 0, 1, ... tokens costs the row that feeds it: with heads on demand and one
+            # row, no draft runs head 1 alone (the heads catch up when the joint is next fed); in a batch
+            # every head runs whenever any row feeds a joint draft, and a row's d = 0 is priced as that
+            self.cost_draft = (torch.cat([self.cost_lookup[:1], self.cost[1:]]) if self.lazy and B == 1
+                               else self.cost)
             self.cost_draft_h = self.cost_draft.tolist()
             if strategy == "speculative":
                 given = None if draft.step_cost is None else tuple(draft.step_cost)

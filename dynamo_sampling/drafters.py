@@ -142,18 +142,17 @@ class Drafters:
         use = self._use_lookup(prop, lookup, joint_value) if lookup is not None else None
         prop.n = torch.where(active, prop.n, 0)
         # this step's forward runs every head unless no row feeds a joint draft (heads on demand)
+        self.step_heads = self.heads
         joint_rows = active if use is None else active & ~use
-        fed_joint = lambda: bool((joint_rows & (prop.n > 1)).any())  # noqa: E731
-        joint_fed = not self.lazy or (joint and fed_joint())
+        if self.lazy and (not joint or not bool((joint_rows & (prop.n > 1)).any())):
+            self.step_heads = 1
         if B > 1 and self.cost is not None and not self.static:  # static: the width is W whatever is fed
             lookup_accept = None
             if lookup is not None:
                 D = self.lookup.max_draft
                 lookup_accept = torch.tensor([a + [0.0] * (D - len(a)) for a in lookup.accept], dtype=torch.float64,
                                              device=dev)
-            self._cap_to_batch(prop, lookup_accept, use, active, self.cost_draft if joint_fed else self.cost_lookup)
-            joint_fed = joint_fed and (not self.lazy or fed_joint())  # the cap may have cut every joint draft
-        self.step_heads = self.heads if joint_fed else 1
+            self._cap_to_batch(prop, lookup_accept, use, active)
         return prop
 
     def _joint_bound(self, b: int, against_lookup: bool) -> float:
@@ -168,12 +167,11 @@ class Drafters:
         cost = self.cost_joint_behind_h if self.heads_behind and against_lookup else self.cost_joint_h
         return size_draft(accept, self.max_new - self.n_gen_h[b] - 1, cost)[1]
 
-    def _cap_to_batch(self, prop: Proposal, lookup_accept, use, active, cost):
+    def _cap_to_batch(self, prop: Proposal, lookup_accept, use, active):
         """A batch feeds as many columns as its longest draft, and every row pays for them: cap all
-        drafts at the width w that maximises the batch's expected kept tokens per unit of ``cost[w - 1]``,
-        the cost of feeding w columns (each row sized itself as if the batch fed its own width). Reads
-        only the acceptance estimates the drafts were sized with (made before any token was drawn); no
-        host sync."""
+        drafts at the width w that maximises the batch's expected kept tokens per unit of the cost of
+        feeding w columns (each row sized itself as if the batch fed its own width). Reads only the
+        acceptance estimates the drafts were sized with (made before any token was drawn); no host sync."""
         B, W, dev = self.B, self.W, self.dev
         acc = torch.zeros(B, W - 1, dtype=torch.float64, device=dev)  # the fed draft's, token j = 1..W-1
         if prop.accept is not None:
@@ -183,6 +181,7 @@ class Drafters:
             acc[:, :D] = torch.where(use[:, None], lookup_accept, acc[:, :D])
         acc = torch.where(self.ar_w[None, 1:] < prop.n[:, None], acc, 0.0)  # beyond a row's draft: 0
         total = (expected_kept(acc) * active[:, None]).sum(0)  # (W,): every row fed min(its n, w) tokens
+        cost = self.cost if self.step_heads > 1 else self.cost_lookup
         prop.n = torch.minimum(prop.n, (total / cost[:W]).argmax() + 1)
 
     def _joint_draft(self, prop: Proposal, first, remaining) -> torch.Tensor:

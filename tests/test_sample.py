@@ -593,10 +593,11 @@ def test_batch_drafts_are_capped_at_the_width_that_pays_for_the_batch():
 
     def cap(cost, accept, n):
         table = torch.tensor(cost, dtype=torch.float64)
-        me = SimpleNamespace(B=3, W=5, dev=torch.device("cpu"), ar_w=torch.arange(5))
+        me = SimpleNamespace(B=3, W=5, dev=torch.device("cpu"), step_heads=1, cost=table, cost_lookup=table,
+                             ar_w=torch.arange(5))
         prop = Proposal(torch.zeros(3, 5, dtype=torch.long), torch.tensor(n))
         rows = torch.tensor([True, True, False])
-        _Decoder._cap_to_batch(me, prop, torch.tensor(accept, dtype=torch.float64), rows, rows, table)
+        _Decoder._cap_to_batch(me, prop, torch.tensor(accept, dtype=torch.float64), rows, rows)
         return prop.n.tolist()
 
     unlikely = [[0.2] * 4, [0.0] * 4, [0.9] * 4]
