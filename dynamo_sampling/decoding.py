@@ -117,6 +117,7 @@ class _Decoder(Drafters):
                        logits_index=torch.full((B, 1), S - 1, dtype=torch.long, device=self.dev), output_hidden=True)
         self.last_logits = model.head_logits(hidden[:, 0])  # (B, heads, V)
         # the steps' forwards: eager, or replayed from one captured graph per shape (graphs.GraphedForward)
+        self.graphed = graph_capture is not None
         self.forward = (GraphedForward(model, self.cache, graph_capture) if graph_capture is not None else
                         lambda ids, pos, **kw: model(ids, pos, self.cache, **kw))
         self.cache.lengths = prompt_len.clone()
@@ -223,19 +224,22 @@ class _Decoder(Drafters):
             pos = torch.where(j[None] < behind[:, None], self.heads_len[:, None] + j[None], -1)  # (B, Tc)
             d = self.stem_buf.shape[-1]
             h_stem = self.stem_buf.gather(1, pos.clamp(min=0)[:, :, None].expand(-1, -1, d))
-            hidden = self.model.extra_heads(h_stem, pos, self.cache)  # (B, Tc, H-1, d)
-            last = hidden[torch.arange(self.B, device=self.dev), (behind - 1).clamp(min=0)]  # (B, H-1, d)
-            fresh = self.model.head_logits(last)
+            # every skipped position writes the heads' keys and values; only each row's last is read
+            last = self.model.extra_heads(h_stem, pos, self.cache, rows=(behind - 1).clamp(min=0)[:, None])[:, 0]
+            fresh = self.model.head_logits(last)  # (B, H-1, V)
             self.last_logits[:, 1:] = torch.where((behind > 0)[:, None, None], fresh, self.last_logits[:, 1:])
         self.heads_len = self.cache.lengths.clone()
 
     # ------------------------------------------------------------ feed
 
-    def feed(self, prop: Proposal, T: int) -> torch.Tensor:
-        """One forward over the proposal's first T columns -> hidden (B, T, step_heads, d)."""
+    def feed(self, prop: Proposal, T: int, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One forward over the proposal's first T columns -> hidden (B, T, step_heads, d), or
+        (B, T', step_heads, d) at ``rows`` (B, T') only (the heads' layers run there alone)."""
         fed = self.ar_w[None, :T] < prop.n[:, None]  # (B, T)
         ids = torch.where(fed, prop.tokens[:, :T], 0)
         pos = torch.where(fed, self.cache.lengths[:, None] + self.ar_w[None, :T], -1)
+        if rows is not None:
+            return self.forward(ids, pos, heads=self.step_heads, output_hidden=True, logits_index=rows)
         if not self.lazy:
             return self.forward(ids, pos, heads=self.step_heads, output_hidden=True)
         hidden, h_stem = self.forward(ids, pos, heads=self.step_heads, output_hidden=True, output_stem=True)
@@ -339,14 +343,18 @@ class _Decoder(Drafters):
         active_h = [not d for d in self.done_h]
         prop = self.propose(active, active_h)
         T = self.W if self.static else max(int(prop.n.max()), 1)
-        hidden = self.feed(prop, T)  # (B, T, heads, d)
-        self.heads_behind = self.step_heads < self.heads
         rows = torch.arange(self.B, device=self.dev)
-        if self.strategy == "dynamo":  # every head at each row's last fed position
+        self.heads_behind = self.step_heads < self.heads
+        if self.strategy == "dynamo":  # every head at each row's last fed position, and there only
             keep = prop.n
-            last = hidden[rows, (prop.n - 1).clamp(min=0)]  # (B, heads, d)
+            at = (prop.n - 1).clamp(min=0)
+            if self.graphed:  # a captured graph's inputs are ids and positions: all rows, then pick
+                last = self.feed(prop, T)[rows, at]
+            else:
+                last = self.feed(prop, T, rows=at[:, None])[:, 0]  # (B, heads, d)
             new_last = self.model.head_logits(last)
         else:
+            hidden = self.feed(prop, T)  # (B, T, heads, d)
             head1 = self.model.head_logits(hidden[:, :, 0])  # (B, T, V)
             target = self._head1_target(head1)
             if self.cost is not None:

@@ -132,6 +132,37 @@ def test_grouped_fast_path_equals_per_layer_reference(normed_model):
         assert torch.allclose(f, r, atol=1e-5, rtol=1e-5), (f - r).abs().max()
 
 
+def _rows_feeds(model, reference):
+    """The heads' layers run only at the rows read (logits_index; extra_heads' rows), yet every fed token
+    writes its keys and values: the feeds after them read those keys."""
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 97, (3, 12), generator=g)
+    prompt_pos = torch.tensor([[-1, -1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5], [-1, -1, -1, -1, 0, 1]])  # ragged
+    last = torch.full((3, 1), 5)
+    outs = []
+    with torch.no_grad():
+        cache = model.new_cache(3, 32)
+        outs.append(model(ids[:, :6], prompt_pos, cache, reference=reference, logits_index=last))
+        step = torch.tensor([[4, 5, 6], [6, 7, -1], [2, -1, -1]])
+        outs.append(model(ids[:, 6:9], step, cache, reference=reference, logits_index=torch.tensor([[2], [1], [0]])))
+        outs.append(model(ids[:, 9:11], torch.tensor([[7, 8], [8, 9], [3, 4]]), cache, reference=reference))
+        # heads on demand: head 1 alone with the stem kept, then heads 2..H on it, read at one row each
+        cache = model.new_cache(3, 32)
+        h1, stem = model(ids[:, :6], prompt_pos, cache, heads=1, output_hidden=True, output_stem=True,
+                         reference=reference)
+        outs.append(model.extra_heads(stem, prompt_pos, cache, reference=reference, rows=torch.tensor([[5], [3], [5]])))
+        outs.append(model(ids[:, 6:8], torch.tensor([[4, 5], [6, 7], [2, 3]]), cache, reference=reference))
+    return outs
+
+
+def test_heads_at_the_rows_read_equal_the_reference(normed_model):
+    fast, ref = _rows_feeds(normed_model, False), _rows_feeds(normed_model, True)
+    assert [f.shape for f in fast] == [r.shape for r in ref]
+    assert fast[0].shape[1] == 1 and fast[3].shape[1] == 1
+    for f, r in zip(fast, ref):
+        assert torch.allclose(f, r, atol=1e-5, rtol=1e-5), (f - r).abs().max()
+
+
 def test_grouped_fast_path_equals_reference_in_bf16(normed_model):
     model = TinyMTP(normed_model.config)
     model.load_state_dict(normed_model.state_dict())

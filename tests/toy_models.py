@@ -29,8 +29,10 @@ class TableMTP(torch.nn.Module):
         out = self.table[:heads, input_ids].permute(1, 2, 0, 3)  # (B, T, heads, V): the "hidden" is the logits
         return (out, stem) if output_stem else out
 
-    def extra_heads(self, h_stem, positions, cache=None):
-        """Heads 2..H from saved stem outputs (heads on demand in the decoder)."""
+    def extra_heads(self, h_stem, positions, cache=None, rows=None):
+        """Heads 2..H from saved stem outputs (heads on demand in the decoder), at ``rows`` (B, T') only if given."""
+        if rows is not None:
+            h_stem = h_stem.gather(1, rows[..., None].expand(-1, -1, h_stem.shape[-1]))
         return self.table[1:, h_stem[..., 0].long()].permute(1, 2, 0, 3)
 
     def head_logits(self, hidden):

@@ -119,6 +119,12 @@ class FeedPlan:
         """The bool mask for g layers folded into the batch: (g*B, 1, T, S)."""
         return self.mask if g == 1 else self._cached(("mask", g), lambda: self.mask.repeat(g, 1, 1, 1))
 
+    def rows_mask(self, rows: torch.Tensor, g: int) -> torch.Tensor:
+        """The mask of the queries at ``rows`` (B, T') (indices into T) only, for g layers: (g*B, 1, T', S)."""
+        B, _, _, S = self.mask.shape
+        m = self.mask.gather(2, rows[:, None, :, None].expand(B, 1, rows.shape[1], S))
+        return m if g == 1 else m.repeat(g, 1, 1, 1)
+
     def write(self, keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Store one forward's k, v (g*B, kv_heads, T, head_dim) at their slots of the cache views
         ``keys``/``values`` (g*B, kv_heads, max_len + 1, head_dim) (g layers folded into the batch, as

@@ -231,9 +231,13 @@ class MedusaMTP(nn.Module):
             out = torch.cat([out, self.medusa_logits(h, heads - 1)], dim=2)
         return (out, stem) if output_stem else out
 
-    def extra_heads(self, h_stem: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
-        """Heads 2..H (the Medusa heads) on saved final hidden states (B, T, d) -> logits (B, T, H-1, V).
-        ``positions`` and ``cache`` are unused: the Medusa heads keep no state."""
+    def extra_heads(self, h_stem: torch.Tensor, positions: torch.Tensor, cache=None,
+                    rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Heads 2..H (the Medusa heads) on saved final hidden states (B, T, d) -> logits (B, T, H-1, V),
+        or (B, T', H-1, V) at ``rows`` (B, T') only. ``positions`` and ``cache`` are unused: the Medusa
+        heads keep no state."""
+        if rows is not None:
+            h_stem = h_stem.gather(1, rows[..., None].expand(-1, -1, h_stem.shape[-1]))
         return self.medusa_logits(h_stem)
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -250,11 +250,16 @@ class GroupWeights:
 
 
 def grouped_block(x: torch.Tensor, w: GroupWeights, plan: FeedPlan, cache: Optional[KVCache], first_layer: int,
-                  cfg: TinyMTPConfig) -> torch.Tensor:
+                  cfg: TinyMTPConfig, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """g decoder layers on one shared input, as one op per stage. x (B, T, d) -> (g, B, T, d).
 
     Layer i of the group uses cache layer ``first_layer + i``; the g layers are folded into the batch
-    for attention (the cache slices of consecutive layers are one contiguous ``(g*B, ...)`` view)."""
+    for attention (the cache slices of consecutive layers are one contiguous ``(g*B, ...)`` view).
+
+    ``rows`` (B, T') int64 or None: indices into T where the output is read. Where no later layer
+    reads a group's output (the heads), every fed token still writes its key and value, but the
+    queries, attention, projection and MLP run at those rows only: -> (g, B, T', d). A prefill of
+    S tokens then costs the heads S keys and values and one query per row, not S full layers."""
     B, T, d = x.shape
     g = w.proj_w.shape[0]
     nh, hd = cfg.n_attn_heads, cfg.head_dim
@@ -262,13 +267,23 @@ def grouped_block(x: torch.Tensor, w: GroupWeights, plan: FeedPlan, cache: Optio
     qkv = linear(xn, w.qkv_w, w.qkv_b, w.packed and w.packed.qkv)
     qkv = qkv.view(B, T, g, 3, nh, hd).permute(3, 2, 0, 4, 1, 5)  # (3, g, B, nh, T, hd)
     cos, sin = plan.rope  # (B, 1, T, hd/2) broadcasts over (g, B, nh, T, hd/2)
-    q = apply_rotary(qkv[0], cos, sin).reshape(g * B, nh, T, hd)
     k = apply_rotary(qkv[1], cos, sin).reshape(g * B, nh, T, hd)
     v = qkv[2].reshape(g * B, nh, T, hd)
+    mask = plan.grouped_mask(g)
+    if rows is None:
+        q = apply_rotary(qkv[0], cos, sin)
+    else:  # the queries at the rows read: rotate only those
+        T = rows.shape[1]
+        pick = rows[None, :, None, :, None]  # (1, B, 1, T', 1)
+        q = apply_rotary(qkv[0].gather(3, pick.expand(g, B, nh, T, hd)),
+                         cos.gather(2, pick[0].expand(B, 1, T, hd // 2)), sin.gather(2, pick[0].expand(B, 1, T, hd // 2)))
+        x = x.gather(1, rows[:, :, None].expand(B, T, d))
+        mask = plan.rows_mask(rows, g)
+    q = q.reshape(g * B, nh, T, hd)
     if cache is not None and cache.dtype != q.dtype:  # attention runs in the cache's dtype (TinyMTP.new_cache)
         q, k, v = q.to(cache.dtype), k.to(cache.dtype), v.to(cache.dtype)
     keys, values = (k, v) if cache is None else plan.write(*cache.group(first_layer, g), k, v)
-    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.grouped_mask(g))  # (g*B, nh, T, hd)
+    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (g*B, nh, T, hd)
     attn = attn.to(x.dtype)
     attn = attn.view(g, B, nh, T, hd).permute(0, 1, 3, 2, 4).reshape(g, B * T, d)
     h = x.reshape(1, B * T, d) + _stage(attn, w.proj_w, w.proj_b, w.packed, 0)  # (g, B*T, d)
@@ -385,7 +400,7 @@ class TinyMTP(nn.Module):
         plan.rope = rotary_tables(plan.position_ids, self.config.head_dim, self.config.rope_base)
         return plan
 
-    def _fast_hidden(self, input_ids, positions, cache, heads):
+    def _fast_hidden(self, input_ids, positions, cache, heads, rows=None):
         self._check_positions(positions)
         cfg = self.config
         weights = self.inference_weights()
@@ -393,29 +408,32 @@ class TinyMTP(nn.Module):
         x = self.embed(input_ids)
         for i, w in enumerate(weights[0]):
             x = grouped_block(x, w, plan, cache, i, cfg)[0]
-        return self._fast_heads(x, plan, cache, 0, heads, weights), x
+        return self._fast_heads(x, plan, cache, 0, heads, weights, rows), x
 
-    def _fast_heads(self, h_stem, plan, cache, a: int, b: int, weights=None):
-        """Heads a+1..b (0-based a..b-1) as one grouped block on the stem output -> (B, T, b-a, d)."""
+    def _fast_heads(self, h_stem, plan, cache, a: int, b: int, weights=None, rows=None):
+        """Heads a+1..b (0-based a..b-1) as one grouped block on the stem output -> (B, T, b-a, d),
+        or (B, T', b-a, d) at ``rows`` (B, T') only (:func:`grouped_block`)."""
         cfg = self.config
         stem, groups, norm_w, norm_b = weights or self.inference_weights()
-        hs = grouped_block(h_stem, groups[a, b], plan, cache, len(stem) + a, cfg)  # (b-a, B, T, d)
+        hs = grouped_block(h_stem, groups[a, b], plan, cache, len(stem) + a, cfg, rows)  # (b-a, B, T, d)
         hs = F.layer_norm(hs, (cfg.d_model,), eps=cfg.norm_eps) * norm_w[a:b] + norm_b[a:b]
         return hs.permute(1, 2, 0, 3)
 
     def extra_heads(self, h_stem: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache] = None,
-                    reference: bool = False) -> torch.Tensor:
+                    reference: bool = False, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Heads 2..H on stem outputs saved from earlier ``heads=1`` forwards (``output_stem=True``):
-        writes their cache slots at ``positions`` and returns their normed hidden (B, T, H-1, d).
+        writes their cache slots at ``positions`` and returns their normed hidden (B, T, H-1, d), or
+        (B, T', H-1, d) at ``rows`` (B, T') (indices into T) only, where only those are read.
 
         This lets a decoder run head 1 alone while heads 2..H are not needed and bring them up to
         date in one call when they are (their keys at the skipped positions are computed then)."""
         H = self.config.n_heads
         if reference or torch.is_grad_enabled():
             rope = rotary_tables(positions, self.config.head_dim, self.config.rope_base)
-            return torch.stack([self.head_hidden(h_stem, rope, positions, h, cache) for h in range(1, H)], dim=2)
+            out = torch.stack([self.head_hidden(h_stem, rope, positions, h, cache) for h in range(1, H)], dim=2)
+            return out if rows is None else out.gather(1, rows[:, :, None, None].expand(-1, -1, *out.shape[2:]))
         self._check_positions(positions)
-        return self._fast_heads(h_stem, self._plan(positions, cache), cache, 1, H)
+        return self._fast_heads(h_stem, self._plan(positions, cache), cache, 1, H, rows=rows)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -462,7 +480,8 @@ class TinyMTP(nn.Module):
         cache : KVCache or None. None runs a full causal forward over these tokens only.
         heads : int, 1..H (default H): compute heads 1..heads.
         logits_index : LongTensor (B, T') or None: compute outputs only at these indices into T
-            (e.g. each row's last real token), to skip the unembedding elsewhere.
+            (e.g. each row's last real token): the fast path runs the heads' layers there only (every
+            fed token still writes its keys and values) and skips the unembedding elsewhere.
         output_hidden : return the heads' normed hidden states (B, T or T', heads, d) in the model's
             dtype instead of logits; :meth:`head_logits` unembeds the rows a caller needs.
         reference : run the per-layer reference path (the one training differentiates through);
@@ -479,10 +498,10 @@ class TinyMTP(nn.Module):
             raise ValueError(f"heads must be in 1..{self.config.n_heads}, got {heads}")
         if reference or torch.is_grad_enabled():
             hidden, h_stem = self._reference_hidden(input_ids, positions, cache, heads)
-        else:
-            hidden, h_stem = self._fast_hidden(input_ids, positions, cache, heads)  # (B, T, heads, d), (B, T, d)
-        if logits_index is not None:
-            hidden = hidden.gather(1, logits_index[:, :, None, None].expand(-1, -1, *hidden.shape[2:]))
+            if logits_index is not None:
+                hidden = hidden.gather(1, logits_index[:, :, None, None].expand(-1, -1, *hidden.shape[2:]))
+        else:  # (B, T or T', heads, d), (B, T, d)
+            hidden, h_stem = self._fast_hidden(input_ids, positions, cache, heads, logits_index)
         out = hidden if output_hidden else self.head_logits(hidden)
         return (out, h_stem) if output_stem else out
 
