@@ -131,6 +131,8 @@ class _Decoder(Drafters):
         self.hist_h = [[0] * W for _ in range(B)]
         self.kept_h = [0] * B  # tokens each row kept in the last step (the streamer's)
         self.since_joint_h = [0] * B  # steps since the row's joint was last evaluated
+        self.joint_eval_h = [False] * B  # rows that evaluated the joint this step
+        self.joint_miss_h = [0] * B  # the row's evaluations in a row whose joint draft was not fed
         self.joint_ev = Evidence(B, prior_first=0.0, prior_cont=0.0)  # first: prior is the heads' own q
         self.lookup_ev = Evidence(B, prior_first=0.5, prior_cont=0.8)  # a copied span tends to go on
         self.eos = torch.tensor(eos_token_id or [], dtype=torch.long, device=dev)
@@ -307,10 +309,10 @@ class _Decoder(Drafters):
         judged guesses (and, with a lookup index, the fed tokens); then the host-side bookkeeping:
         statistics, the drafters' evidence, the index. Returns (all done, any NaN)."""
         bad = torch.isnan(new_last[:, :self.step_heads]).flatten(1).any(1) & active
-        cols = [self.done, bad, keep, prop.n] + (prop.judged or [])
+        lk = prop.from_lookup if prop.from_lookup is not None else torch.zeros_like(bad)
+        cols = [self.done, bad, keep, prop.n, lk] + (prop.judged or [])
         rows = torch.stack([c.double() for c in cols], dim=1).tolist()
         fed = prop.tokens[:, 1:T].tolist() if self.index is not None else None
-        from_lookup = prop.from_lookup.tolist() if prop.from_lookup is not None and prop.judged is not None else None
         drafting = self.strategy in ("speculative", "lookup")
         self.kept_h = [0] * self.B
         extend = [[] for _ in range(self.B)]
@@ -328,8 +330,11 @@ class _Decoder(Drafters):
             drafted, accepted = max(n - 1, 0), max(kept - 1, 0)
             self.drafted_h[b] += drafted
             self.accepted_h[b] += accepted
+            from_lookup = row[4] > 0
+            if self.joint_eval_h[b]:  # evaluated this step: was its draft the one fed?
+                self.joint_miss_h[b] = 0 if drafted and not from_lookup else self.joint_miss_h[b] + 1
             if prop.judged is not None:  # the evidence: only sizing by cost reads it
-                self._add_evidence(prop, b, row[4:], drafted, accepted, from_lookup is not None and from_lookup[b])
+                self._add_evidence(prop, b, row[5:], drafted, accepted, from_lookup)
             if fed is not None:
                 extend[b] = fed[b][:accepted]
         if fed is not None:
@@ -402,7 +407,7 @@ class _Decoder(Drafters):
             setattr(self, name, pick(getattr(self, name)))
         self.cache.select_rows(idx)
         for name in ("rows_h", "done_h", "n_gen_h", "steps_h", "drafted_h", "accepted_h", "hist_h", "kept_h",
-                     "since_joint_h"):
+                     "since_joint_h", "joint_eval_h", "joint_miss_h"):
             setattr(self, name, [getattr(self, name)[b] for b in keep])
         self.joint_ev.select(keep)
         self.lookup_ev.select(keep)

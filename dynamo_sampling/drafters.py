@@ -24,6 +24,9 @@ from .drafting import expected_kept, size_draft, size_drafts
 # a row whose joint drafts have not been worth evaluating (drafts sized by cost) still evaluates them
 # every this many steps, so that its acceptance evidence can recover when the heads get better
 PROBE_EVERY = 16
+# a row whose last m evaluations of the joint fed no joint draft waits 2**m - 1 steps (at most
+# PROBE_EVERY) before the next, even where the bound on the joint's value says it could win
+MISS_BACKOFF = True
 
 
 @dataclass
@@ -128,10 +131,9 @@ class Drafters:
                 # one, feeding no draft), unless the row has not evaluated it for PROBE_EVERY steps
                 alt = lookup.value if lookup is not None else [1.0 / self.cost_lookup_h[0]] * B
                 lookup_len = lookup.length if lookup is not None else [0] * B
-                need = [a and (self.since_joint_h[b] >= PROBE_EVERY or
-                               not alt[b] >= self._joint_bound(b, against_lookup=lookup_len[b] > 0))
-                        for b, a in enumerate(active_h)]
+                need = [a and self._wants_joint(b, alt[b], lookup_len[b] > 0) for b, a in enumerate(active_h)]
             joint = any(need)
+            self.joint_eval_h = need
             if joint:
                 if self.lazy:
                     self._catch_up_heads()
@@ -154,6 +156,16 @@ class Drafters:
                                              device=dev)
             self._cap_to_batch(prop, lookup_accept, use, active)
         return prop
+
+    def _wants_joint(self, b: int, alt: float, against_lookup: bool) -> bool:
+        """Whether row b evaluates the joint this step (drafts sized by cost): a probe after PROBE_EVERY
+        steps without; else where its bound beats ``alt`` (the lookup draft's value, or feeding no
+        draft's) and, after m evaluations in a row that fed no joint draft, 2**m - 1 steps have passed."""
+        since = self.since_joint_h[b]
+        if since >= PROBE_EVERY:
+            return True
+        m = self.joint_miss_h[b] if MISS_BACKOFF else 0
+        return since >= min((1 << m) - 1, PROBE_EVERY) and not alt >= self._joint_bound(b, against_lookup)
 
     def _joint_bound(self, b: int, against_lookup: bool) -> float:
         """The most a joint draft could be worth in row b: its value (expected kept tokens per unit

@@ -245,6 +245,38 @@ def test_heads_on_demand_price_a_step_without_a_joint_draft_at_head_1_alone(monk
     assert drafted["head 1 alone"] == 0 and drafted["every head"] > 0
 
 
+def test_a_joint_that_keeps_losing_waits_longer_before_it_is_evaluated_again(monkeypatch):
+    """Where the bound on the joint's value says it could win but the row's last m evaluations fed no
+    joint draft, the row waits 2**m - 1 steps (at most PROBE_EVERY) before the next evaluation; a probe
+    after PROBE_EVERY steps comes regardless, and a bound that cannot win never evaluates."""
+    from dynamo_sampling import drafters
+
+    class Row(drafters.Drafters):
+        def __init__(self, bound):
+            self.since_joint_h, self.joint_miss_h, self.bound = [0], [0], bound
+
+        def _joint_bound(self, b, against_lookup):
+            return self.bound
+
+    row = Row(bound=2.0)
+    for m, first in ((0, 0), (1, 1), (2, 3), (3, 7), (4, 15), (9, 16)):
+        row.joint_miss_h = [m]
+        wants = []
+        for since in range(20):
+            row.since_joint_h = [since]
+            wants.append(row._wants_joint(0, 1.0, against_lookup=False))
+        assert wants == [s >= first for s in range(20)], m
+    monkeypatch.setattr(drafters, "MISS_BACKOFF", False)
+    row.joint_miss_h, row.since_joint_h = [5], [0]
+    assert row._wants_joint(0, 1.0, against_lookup=True)
+    row = Row(bound=0.5)  # cannot beat the alternative: only the probe
+    wants = []
+    for since in range(20):
+        row.since_joint_h = [since]
+        wants.append(row._wants_joint(0, 1.0, against_lookup=False))
+    assert wants == [s >= drafters.PROBE_EVERY for s in range(20)]
+
+
 def test_host_draft_sizing_matches_the_tensor_rule_exactly():
     """size_draft (one row, Python floats: the lookup drafter's sizing) is size_drafts' fast path:
     the same lengths and bit-identical values, ties and caps included."""
