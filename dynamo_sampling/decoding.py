@@ -309,9 +309,10 @@ class _Decoder(Drafters):
         judged guesses (and, with a lookup index, the fed tokens); then the host-side bookkeeping:
         statistics, the drafters' evidence, the index. Returns (all done, any NaN)."""
         bad = torch.isnan(new_last[:, :self.step_heads]).flatten(1).any(1) & active
-        lk = prop.from_lookup if prop.from_lookup is not None else torch.zeros_like(bad)
-        cols = [self.done, bad, keep, prop.n, lk] + (prop.judged or [])
+        lk = [] if prop.from_lookup is None else [prop.from_lookup]
+        cols = [self.done, bad, keep, prop.n] + lk + (prop.judged or [])
         rows = torch.stack([c.double() for c in cols], dim=1).tolist()
+        j = 4 + len(lk)  # the judged guesses' first column
         fed = prop.tokens[:, 1:T].tolist() if self.index is not None else None
         drafting = self.strategy in ("speculative", "lookup")
         self.kept_h = [0] * self.B
@@ -330,11 +331,11 @@ class _Decoder(Drafters):
             drafted, accepted = max(n - 1, 0), max(kept - 1, 0)
             self.drafted_h[b] += drafted
             self.accepted_h[b] += accepted
-            from_lookup = row[4] > 0
+            from_lookup = bool(lk) and row[4] > 0
             if self.joint_eval_h[b]:  # evaluated this step: was its draft the one fed?
                 self.joint_miss_h[b] = 0 if drafted and not from_lookup else self.joint_miss_h[b] + 1
             if prop.judged is not None:  # the evidence: only sizing by cost reads it
-                self._add_evidence(prop, b, row[5:], drafted, accepted, from_lookup)
+                self._add_evidence(prop, b, row[j:], drafted, accepted, from_lookup)
             if fed is not None:
                 extend[b] = fed[b][:accepted]
         if fed is not None:
