@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_loop import randomise_head_signs  # noqa: E402
 from bench_policy_impl import prompts_from_test_split  # noqa: E402
 
 from dynamo_sampling import sample  # noqa: E402
@@ -49,11 +50,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     model, tok, stats = load_pretrained()
     if a.failing:
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for norm in model.head_norms[1:]:
-                signs = torch.randint(0, 2, norm.weight.shape, generator=g).float().mul(2).sub(1)
-                norm.weight.mul_(signs.to(norm.weight.dtype))
+        randomise_head_signs(model)
     prompts = prompts_from_test_split(tok, a.prompts, 192)
     sampled = a.mode == "sampled"
     settings = {"ar": (True, dict(strategy="ar"))}

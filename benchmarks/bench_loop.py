@@ -79,13 +79,20 @@ def op_counts(model, stats, prompts, strategy) -> dict:
     return {k: round(v / steps, 1) for k, v in counter.ops.items()}
 
 
-def failing_heads(model, stats, prompts) -> dict:
+def randomise_head_signs(model) -> list:
+    """Flip the signs of heads 2..H's output-norm weights at random (seed 0): drafts that are never
+    accepted. Returns the weights as they were."""
     saved = [norm.weight.detach().clone() for norm in model.head_norms[1:]]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for norm in model.head_norms[1:]:
             signs = torch.randint(0, 2, norm.weight.shape, generator=g).float().mul(2).sub(1)
             norm.weight.mul_(signs.to(norm.weight.dtype))
+    return saved
+
+
+def failing_heads(model, stats, prompts) -> dict:
+    saved = randomise_head_signs(model)
     try:
         return _failing_heads(model, stats, prompts)
     finally:  # the caller's model gets its heads back
