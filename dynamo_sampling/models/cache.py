@@ -81,12 +81,13 @@ class FeedPlan:
         step's shapes never depend on data (what a CUDA graph needs); else ``max(positions) + 1``
         (on a CPU reading it is no device sync).
     slots : (B, T) int64 or None; the cache slot each fed token writes (padding -> the spare slot).
-    rope : the model's rotary tables at ``position_ids``, set by the model that builds the plan.
+    rope : the model's rotary tables at ``position_ids``, set by the model that builds the plan
+        (``rope_whole``: TinyMTP's fast path's layout of them).
     """
 
     def __init__(self, positions: torch.Tensor, cache: Optional[KVCache] = None):
         B, T = positions.shape
-        self.positions, self.cache, self.rope = positions, cache, None
+        self.positions, self.cache, self.rope, self.rope_whole = positions, cache, None, None
         valid = positions >= 0
         self.position_ids = torch.where(valid, positions, 0)
         q_pos = self.position_ids[:, None, :, None]

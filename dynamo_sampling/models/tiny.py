@@ -93,6 +93,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+def rotary_whole(cos: torch.Tensor, sin: torch.Tensor):
+    """The tables of :func:`rotary_tables` laid out over the whole head (..., hd), sin signed for
+    :func:`apply_rotary_whole`: ``(cat(cos, cos), cat(-sin, sin))``."""
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
+def apply_rotary_whole(x: torch.Tensor, cos_whole: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rotary` in 6 ops instead of 10 (the fast path rotates q and k of a group in one
+    call): the two halves swapped are one ``roll``, and ``x1 cos + x2 (-sin)`` equals ``x1 cos - x2
+    sin`` bit for bit in IEEE arithmetic, so the result is identical."""
+    xf = x.float()
+    return (xf * cos_whole + xf.roll(x.shape[-1] // 2, dims=-1) * sin_signed).to(x.dtype)
+
+
 class Block(nn.Module):
     """Pre-LN decoder layer: x + attn(ln1(x)); x + mlp(ln2(x)). Its ``forward`` is the per-layer
     reference (and the training path); inference runs :func:`grouped_block` on stacked weights."""
@@ -266,17 +280,18 @@ def grouped_block(x: torch.Tensor, w: GroupWeights, plan: FeedPlan, cache: Optio
     xn = F.layer_norm(x, (d,), eps=cfg.norm_eps)
     qkv = linear(xn, w.qkv_w, w.qkv_b, w.packed and w.packed.qkv)
     qkv = qkv.view(B, T, g, 3, nh, hd).permute(3, 2, 0, 4, 1, 5)  # (3, g, B, nh, T, hd)
-    cos, sin = plan.rope  # (B, 1, T, hd/2) broadcasts over (g, B, nh, T, hd/2)
-    k = apply_rotary(qkv[1], cos, sin).reshape(g * B, nh, T, hd)
+    cos, sin = plan.rope_whole  # (B, 1, T, hd) broadcasts over (g, B, nh, T, hd)
     v = qkv[2].reshape(g * B, nh, T, hd)
     mask = plan.grouped_mask(g)
-    if rows is None:
-        q = apply_rotary(qkv[0], cos, sin)
+    if rows is None:  # q and k in one rotation
+        q, k = apply_rotary_whole(qkv[:2], cos, sin)
+        k = k.reshape(g * B, nh, T, hd)
     else:  # the queries at the rows read: rotate only those
+        k = apply_rotary_whole(qkv[1], cos, sin).reshape(g * B, nh, T, hd)
         T = rows.shape[1]
         pick = rows[None, :, None, :, None]  # (1, B, 1, T', 1)
-        q = apply_rotary(qkv[0].gather(3, pick.expand(g, B, nh, T, hd)),
-                         cos.gather(2, pick[0].expand(B, 1, T, hd // 2)), sin.gather(2, pick[0].expand(B, 1, T, hd // 2)))
+        q = apply_rotary_whole(qkv[0].gather(3, pick.expand(g, B, nh, T, hd)),
+                               cos.gather(2, pick[0].expand(B, 1, T, hd)), sin.gather(2, pick[0].expand(B, 1, T, hd)))
         x = x.gather(1, rows[:, :, None].expand(B, T, d))
         mask = plan.rows_mask(rows, g)
     q = q.reshape(g * B, nh, T, hd)
@@ -398,6 +413,7 @@ class TinyMTP(nn.Module):
     def _plan(self, positions, cache) -> FeedPlan:
         plan = FeedPlan(positions, cache)
         plan.rope = rotary_tables(plan.position_ids, self.config.head_dim, self.config.rope_base)
+        plan.rope_whole = rotary_whole(*plan.rope)  # what grouped_block reads
         return plan
 
     def _fast_hidden(self, input_ids, positions, cache, heads, rows=None):
