@@ -42,6 +42,7 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
         self.static = self.k.device.type != "cpu"
+        self._groups = {}  # (first, g) -> (k, v, their views): group() is called per layer group per forward
 
     @property
     def batch_size(self) -> int:
@@ -60,11 +61,18 @@ class KVCache:
         a batch; the keys and values are copied once."""
         self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
         self.lengths = self.lengths.index_select(0, rows)
+        self._groups = {}
 
     def group(self, first: int, g: int):
-        """Layers ``first..first+g-1`` as one batch: keys and values views (g*B, kv_heads, max_len + 1, head_dim)."""
-        _, B, h, S1, hd = self.k.shape
-        return (self.k[first:first + g].view(g * B, h, S1, hd), self.v[first:first + g].view(g * B, h, S1, hd))
+        """Layers ``first..first+g-1`` as one batch: keys and values views (g*B, kv_heads, max_len + 1, head_dim)
+        (made once per group while ``k`` and ``v`` are the same tensors)."""
+        hit = self._groups.get((first, g))
+        if hit is None or hit[0] is not self.k or hit[1] is not self.v:
+            _, B, h, S1, hd = self.k.shape
+            hit = (self.k, self.v, (self.k[first:first + g].view(g * B, h, S1, hd),
+                                    self.v[first:first + g].view(g * B, h, S1, hd)))
+            self._groups[first, g] = hit
+        return hit[2]
 
 
 class FeedPlan:
@@ -139,6 +147,7 @@ class FeedPlan:
             return (torch.arange(N, device=dev)[:, None, None], torch.arange(h, device=dev)[None, :, None],
                     self.slots.repeat(g, 1)[:, None, :])
         index = self._cached(("index", N, h), make)
-        keys.index_put_(index, k.to(keys.dtype))
-        values.index_put_(index, v.to(values.dtype))
-        return keys[:, :, :self.n_slots].to(k.dtype), values[:, :, :self.n_slots].to(v.dtype)
+        cast = lambda t, dtype: t if t.dtype == dtype else t.to(dtype)  # noqa: E731  (no op dispatched for none)
+        keys.index_put_(index, cast(k, keys.dtype))
+        values.index_put_(index, cast(v, values.dtype))
+        return cast(keys[:, :, :self.n_slots], k.dtype), cast(values[:, :, :self.n_slots], v.dtype)

@@ -210,8 +210,9 @@ def _stage(x: torch.Tensor, w_io: torch.Tensor, b: torch.Tensor, packed: Optiona
     out) weights, or one prepacked matmul per layer."""
     if packed is None:
         return torch.baddbmm(b, x, w_io)
-    out = [linear(x[i], *layer[stage][:2], layer[stage][2]) for i, layer in enumerate(packed.layers)]
-    return out[0][None] if len(out) == 1 else torch.stack(out)
+    if len(packed.layers) == 1:  # (1, N, in) as it is: no per-layer select and stack
+        return linear(x, *packed.layers[0][stage][:2], packed.layers[0][stage][2])
+    return torch.stack([linear(x[i], *layer[stage][:2], layer[stage][2]) for i, layer in enumerate(packed.layers)])
 
 
 @dataclass
@@ -281,25 +282,25 @@ def grouped_block(x: torch.Tensor, w: GroupWeights, plan: FeedPlan, cache: Optio
     qkv = linear(xn, w.qkv_w, w.qkv_b, w.packed and w.packed.qkv)
     qkv = qkv.view(B, T, g, 3, nh, hd).permute(3, 2, 0, 4, 1, 5)  # (3, g, B, nh, T, hd)
     cos, sin = plan.rope_whole  # (B, 1, T, hd) broadcasts over (g, B, nh, T, hd)
-    v = qkv[2].reshape(g * B, nh, T, hd)
+    # attention runs in the cache's dtype (TinyMTP.new_cache); no op is dispatched where nothing changes
+    dt = qkv.dtype if cache is None else cache.dtype
+    cast = lambda t, dtype=dt: t if t.dtype == dtype else t.to(dtype)  # noqa: E731
+    v = cast(qkv[2]).reshape(g * B, nh, T, hd)
     mask = plan.grouped_mask(g)
     if rows is None:  # q and k in one rotation
-        q, k = apply_rotary_whole(qkv[:2], cos, sin)
+        q, k = cast(apply_rotary_whole(qkv[:2], cos, sin))
         k = k.reshape(g * B, nh, T, hd)
     else:  # the queries at the rows read: rotate only those
-        k = apply_rotary_whole(qkv[1], cos, sin).reshape(g * B, nh, T, hd)
+        k = cast(apply_rotary_whole(qkv[1], cos, sin)).reshape(g * B, nh, T, hd)
         T = rows.shape[1]
         pick = rows[None, :, None, :, None]  # (1, B, 1, T', 1)
-        q = apply_rotary_whole(qkv[0].gather(3, pick.expand(g, B, nh, T, hd)),
-                               cos.gather(2, pick[0].expand(B, 1, T, hd)), sin.gather(2, pick[0].expand(B, 1, T, hd)))
+        q = cast(apply_rotary_whole(qkv[0].gather(3, pick.expand(g, B, nh, T, hd)),
+                                    cos.gather(2, pick[0].expand(B, 1, T, hd)), sin.gather(2, pick[0].expand(B, 1, T, hd))))
         x = x.gather(1, rows[:, :, None].expand(B, T, d))
         mask = plan.rows_mask(rows, g)
     q = q.reshape(g * B, nh, T, hd)
-    if cache is not None and cache.dtype != q.dtype:  # attention runs in the cache's dtype (TinyMTP.new_cache)
-        q, k, v = q.to(cache.dtype), k.to(cache.dtype), v.to(cache.dtype)
     keys, values = (k, v) if cache is None else plan.write(*cache.group(first_layer, g), k, v)
-    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (g*B, nh, T, hd)
-    attn = attn.to(x.dtype)
+    attn = cast(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask), x.dtype)  # (g*B, nh, T, hd)
     attn = attn.view(g, B, nh, T, hd).permute(0, 1, 3, 2, 4).reshape(g, B * T, d)
     h = x.reshape(1, B * T, d) + _stage(attn, w.proj_w, w.proj_b, w.packed, 0)  # (g, B*T, d)
     ff = F.gelu(_stage(F.layer_norm(h, (d,), eps=cfg.norm_eps), w.fc1_w, w.fc1_b, w.packed, 1))
