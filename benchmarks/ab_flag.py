@@ -6,8 +6,8 @@ per prompt), its speed-up against ``ar`` and its tokens per step, as a table and
 
     python benchmarks/ab_flag.py dynamo_sampling.drafters.MISS_BACKOFF --mode sampled --out results.json
 
-Prompts: ``--prompts`` held-out windows of 192 tokens from the stdlib test split, 64 new tokens, B = 1,
-the bundled model, one torch thread. ``--failing`` randomises the signs of heads 2..H's output norms
+Prompts: ``--prompts`` held-out windows of 192 tokens from the stdlib test split, 64 new tokens, one by
+one or (``--batch-size B``) in batches of B, the bundled model, one torch thread. ``--failing`` randomises the signs of heads 2..H's output norms
 first (drafts that are never accepted), as ``bench_loop.py`` does.
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--failing", action="store_true")
+    p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     module, name = a.flag.rsplit(".", 1)
@@ -52,6 +53,8 @@ def main(argv=None) -> int:
     if a.failing:
         randomise_head_signs(model)
     prompts = prompts_from_test_split(tok, a.prompts, 192)
+    if a.batch_size > 1:  # the windows are all 192 tokens: batches of B stacked
+        prompts = [torch.cat(prompts[i:i + a.batch_size]) for i in range(0, len(prompts), a.batch_size)]
     sampled = a.mode == "sampled"
     settings = {"ar": (True, dict(strategy="ar"))}
     for value in (False, True):
@@ -78,15 +81,16 @@ def main(argv=None) -> int:
                 if r == 0:
                     steps[key] += int(out.steps.sum())
     n = len(prompts)
+    tokens = 64 * sum(len(p) for p in prompts)
     best = {k: sum(min(t[i + n * r] for r in range(a.rounds)) for i in range(n)) for k, t in times.items()}
     rows = [dict(setting=k, seconds=round(best[k], 3), speedup_vs_ar=round(best["ar"] / best[k], 3),
-                 tokens_per_step=round(64 * n / steps[k], 3)) for k in keys]
-    print(f"| {a.mode}, B=1, {n} prompts{', failing heads' if a.failing else ''} | s | vs ar | tokens/step |")
+                 tokens_per_step=round(tokens / steps[k], 3)) for k in keys]
+    print(f"| {a.mode}, B={a.batch_size}, {n} prompts{', failing heads' if a.failing else ''} | s | vs ar | tokens/step |")
     print("|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['setting']} | {r['seconds']} | {r['speedup_vs_ar']} | {r['tokens_per_step']} |")
     if a.out:
-        Path(a.out).write_text(json.dumps(dict(flag=a.flag, mode=a.mode, failing=a.failing, prompts=n,
+        Path(a.out).write_text(json.dumps(dict(flag=a.flag, mode=a.mode, failing=a.failing, prompts=n, batch_size=a.batch_size,
                                                rounds=a.rounds, rows=rows), indent=1))
     return 0
 

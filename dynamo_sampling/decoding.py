@@ -146,7 +146,8 @@ class _Decoder(Drafters):
         self.cost = self.cost_lookup = None
         self.joint_overhead = (0.0, 0.0)
         if strategy in ("speculative", "lookup") and draft.size_by == "cost":
-            table = step_cost_tables(model, B, W, draft, dev, sampling.do_sample)
+            table = step_cost_tables(model, B, W, draft, dev, sampling.do_sample,
+                                     context=int(prompt_len.max()) + max_new_tokens // 2)
             self.cost = table[self.heads]  # a forward as this strategy runs it
             self.cost_lookup = table[1] if self.lazy or strategy == "lookup" else self.cost
             self.cost_lookup_h = self.cost_lookup.tolist()  # the host-side sizing's copy
@@ -349,6 +350,8 @@ class _Decoder(Drafters):
         active_h = [not d for d in self.done_h]
         prop = self.propose(active, active_h)
         T = self.W if self.static else max(int(prop.n.max()), 1)
+        if self.lazy and T == 1:  # no row feeds a draft (e.g. the batch's drafts capped away): head 1 alone
+            self.step_heads = 1
         rows = torch.arange(self.B, device=self.dev)
         self.heads_behind = self.step_heads < self.heads
         if self.strategy == "dynamo":  # every head at each row's last fed position, and there only

@@ -194,6 +194,8 @@ class Drafters:
         acc = torch.where(self.ar_w[None, 1:] < prop.n[:, None], acc, 0.0)  # beyond a row's draft: 0
         total = (expected_kept(acc) * active[:, None]).sum(0)  # (W,): every row fed min(its n, w) tokens
         cost = self.cost if self.step_heads > 1 else self.cost_lookup
+        if self.lazy and self.step_heads > 1:  # at width 1 no row feeds a draft: head 1 runs alone (step())
+            cost = torch.cat([self.cost_lookup[:1], cost[1:]])
         prop.n = torch.minimum(prop.n, (total / cost[:W]).argmax() + 1)
 
     def _joint_draft(self, prop: Proposal, first, remaining) -> torch.Tensor:

@@ -78,11 +78,13 @@ class DraftConfig:
 STEP_COST = {}  # (model, device, dtype, B, width, sampled) -> measured tables; also the joint's overhead
 
 
-def measure_step_cost(model, batch_size: int, width: int, rounds: int = 5, sampled: bool = False) -> dict:
+def measure_step_cost(model, batch_size: int, width: int, rounds: int = 5, sampled: bool = False,
+                      prefix: int = 64) -> dict:
     """Cost of one forward feeding T = 1..width tokens per row, with head 1 only and with every
     head, relative to head 1 on one token: ``{1: (1.0, c2, ...), H: (c1, c2, ...)}``.
 
-    Timed on a scratch cache holding a 64-token prefix, head 1 unembedded at every fed row and
+    Timed on a scratch cache holding a ``prefix``-token prefix (at most the model's context less
+    ``width``; attention's share of a step grows with it, most at larger batches), head 1 unembedded at every fed row and
     heads 2..H at one, as the loop does, and the verification of T - 1 draft tokens (greedy: an
     argmax per row; ``sampled``: head 1's softmax per row, what rejection sampling reads). Widths
     T = 1, 2, 3, 4, 8, ... (powers of two) and ``width`` are timed and the others interpolated
@@ -94,7 +96,7 @@ def measure_step_cost(model, batch_size: int, width: int, rounds: int = 5, sampl
     p = next(iter(model.parameters()), None)
     dev = p.device if p is not None else torch.device("cpu")
     H = model.n_heads
-    prefix = min(64, model.max_seq_len - width)
+    prefix = min(prefix, model.max_seq_len - width)
     cache = model.new_cache(batch_size, max_len=prefix + width)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     timed = sorted({T for T in (1, 2, 3) if T <= width} | {1 << i for i in range(width.bit_length())} | {width})
@@ -138,8 +140,10 @@ def _interpolate(xs: torch.Tensor, ys: torch.Tensor, width: int) -> list:
     return (y0 + (y1 - y0) * (T - x0) / (x1 - x0)).tolist()
 
 
-def step_cost_tables(model, batch_size, width, draft: DraftConfig, device, sampled: bool) -> dict:
-    """{1: (width,), H: (width,)} float64 tensors: the measured (or given) cost of a forward."""
+def step_cost_tables(model, batch_size, width, draft: DraftConfig, device, sampled: bool, context: int = 64) -> dict:
+    """{1: (width,), H: (width,)} float64 tensors: the measured (or given) cost of a forward, timed
+    behind a prefix of ``context`` tokens rounded up to a power of two (from 64; the decode's
+    typical length, e.g. the prompt and half the new tokens)."""
     H = model.n_heads
     if draft.step_cost is not None:
         cost = list(draft.step_cost)
@@ -147,9 +151,12 @@ def step_cost_tables(model, batch_size, width, draft: DraftConfig, device, sampl
         table = {1: cost, H: cost, "seconds": None}
     else:
         p = next(iter(model.parameters()), None)
-        key = (id(model), str(device), p.dtype if p is not None else None, batch_size, width, sampled)
+        prefix = 64
+        while prefix < context:
+            prefix *= 2
+        key = (id(model), str(device), p.dtype if p is not None else None, batch_size, width, sampled, prefix)
         if key not in STEP_COST:
-            STEP_COST[key] = measure_step_cost(model, batch_size, width, sampled=sampled)
+            STEP_COST[key] = measure_step_cost(model, batch_size, width, sampled=sampled, prefix=prefix)
         table = STEP_COST[key]
     out = {h: torch.tensor(table[h][:width], dtype=torch.float64, device=device) for h in (1, H)}
     out["seconds"] = table["seconds"]

@@ -319,6 +319,21 @@ def test_measured_step_cost_covers_every_width_and_never_decreases():
         assert table[1][0] == 1.0
 
 
+def test_step_cost_tables_are_measured_once_per_context_bucket(monkeypatch):
+    """The cost table is timed behind a prefix as long as the decode's context, rounded up to a power
+    of two from 64 (attention's share of a step grows with it), and reused within a bucket."""
+    from dynamo_sampling import drafting
+    model = TinyMTP(TinyMTPConfig(vocab_size=50, n_layer=2, n_heads=3, d_model=32, n_attn_heads=4, d_ff=64,
+                                  max_seq_len=300)).eval()
+    prefixes = []
+    monkeypatch.setattr(drafting, "STEP_COST", {})  # this test's tables only, gone after it
+    monkeypatch.setattr(drafting, "measure_step_cost", lambda m, B, w, sampled=False, prefix=64: prefixes.append(prefix)
+                        or {1: [1.0] * w, 3: [1.2] * w, "seconds": 1e-3})
+    for context in (10, 64, 65, 128, 200, 256, 257):
+        drafting.step_cost_tables(model, 2, 4, drafting.DraftConfig(), torch.device("cpu"), False, context=context)
+    assert prefixes == [64, 128, 256, 512]  # 10 and 64 share a table, 65 and 128, 200 and 256
+
+
 @pytest.mark.parametrize("strategy", ["ar", "dynamo", "speculative", "lookup"])
 def test_zero_probability_tokens_never_drawn(strategy):
     """Token 0 has probability 0 under every head; each token's successor +1 has probability 0
@@ -619,14 +634,17 @@ def test_cuda_graph_decoding_equals_eager_on_gpu(strategy):
 
 def test_batch_drafts_are_capped_at_the_width_that_pays_for_the_batch():
     """A batch feeds its longest draft's width to every row: _cap_to_batch keeps the width with the
-    most expected kept tokens per unit of cost, summed over the active rows."""
+    most expected kept tokens per unit of cost, summed over the active rows. With heads on demand,
+    width 1 (no draft fed) is priced as head 1 alone, which is what that step then runs."""
     from types import SimpleNamespace
     from dynamo_sampling.decoding import Proposal, _Decoder
 
-    def cap(cost, accept, n):
+    def cap(cost, accept, n, head1_cost=None):
         table = torch.tensor(cost, dtype=torch.float64)
-        me = SimpleNamespace(B=3, W=5, dev=torch.device("cpu"), step_heads=1, cost=table, cost_lookup=table,
-                             ar_w=torch.arange(5))
+        lazy = head1_cost is not None  # the step runs every head unless no row feeds a draft
+        me = SimpleNamespace(B=3, W=5, dev=torch.device("cpu"), step_heads=3 if lazy else 1, cost=table,
+                             cost_lookup=torch.tensor(head1_cost, dtype=torch.float64) if lazy else table,
+                             lazy=lazy, ar_w=torch.arange(5))
         prop = Proposal(torch.zeros(3, 5, dtype=torch.long), torch.tensor(n))
         rows = torch.tensor([True, True, False])
         _Decoder._cap_to_batch(me, prop, torch.tensor(accept, dtype=torch.float64), rows, rows)
@@ -637,6 +655,10 @@ def test_batch_drafts_are_capped_at_the_width_that_pays_for_the_batch():
     likely = [[0.95] * 4, [0.0] * 4, [0.0] * 4]
     assert cap([1.0, 1.05, 1.1, 1.15, 1.2], likely, [5, 1, 0]) == [5, 1, 0]  # it does
     assert cap([1.0, 1.05, 1.1, 1.5, 3.0], likely, [5, 1, 3]) == [3, 1, 3]  # up to where the cost jumps
+    some = [[0.4] * 4, [0.0] * 4, [0.0] * 4]
+    every_head = [1.3, 1.5, 1.8, 2.1, 2.4]
+    assert cap(every_head, some, [5, 1, 5]) == [2, 1, 2]  # against width 1 with every head: 2.4 / 1.5 > 2 / 1.3
+    assert cap(every_head, some, [5, 1, 5], head1_cost=[1.0, 1.1, 1.2, 1.3, 1.4]) == [1, 1, 1]  # 2 / 1.0 wins
 
 
 # ---------------------------------------------------------------- finished rows leave the batch
