@@ -119,11 +119,8 @@ class Drafters:
         the joint's (evaluated only where it could win), lookup's, or the joint's continued by
         lookup's, whichever is worth most; capped for the batch."""
         B, W, dev = self.B, self.W, self.dev
-        tokens = torch.full((B, W), -1, dtype=torch.long, device=dev)
-        tokens[:, 0] = first
-        prop = Proposal(tokens, torch.ones(B, dtype=torch.long, device=dev))
         lookup = self._lookup_draft(first, active_h) if self.index is not None else None
-        joint_value, joint = None, False
+        joint_value, joint, need = None, False, None
         if self.strategy == "speculative" and self.H > 1:  # one head: nothing to draft with
             need = active_h
             if self.cost is not None:
@@ -134,13 +131,19 @@ class Drafters:
                 need = [a and self._wants_joint(b, alt[b], lookup_len[b] > 0) for b, a in enumerate(active_h)]
             joint = any(need)
             self.joint_eval_h = need
-            if joint:
-                if self.lazy:
-                    self._catch_up_heads()
-                joint_value = self._joint_draft(prop, first, self.max_new - self.n_gen)
-                if lookup is not None and self.cost is not None and self.draft.merge:
-                    joint_value = self._merge_drafts(prop, joint_value, need)
             self.since_joint_h = [0 if joint else n + 1 for n in self.since_joint_h]
+        if not joint and lookup is None and not self.static:  # nothing to draft: an ar step's proposal
+            self.step_heads = 1 if self.lazy else self.heads
+            return Proposal(first[:, None], active.long())
+        tokens = torch.full((B, W), -1, dtype=torch.long, device=dev)
+        tokens[:, 0] = first
+        prop = Proposal(tokens, torch.ones(B, dtype=torch.long, device=dev))
+        if joint:
+            if self.lazy:
+                self._catch_up_heads()
+            joint_value = self._joint_draft(prop, first, self.max_new - self.n_gen)
+            if lookup is not None and self.cost is not None and self.draft.merge:
+                joint_value = self._merge_drafts(prop, joint_value, need)
         use = self._use_lookup(prop, lookup, joint_value) if lookup is not None else None
         prop.n = torch.where(active, prop.n, 0)
         # this step's forward runs every head unless no row feeds a joint draft (heads on demand)
