@@ -312,7 +312,7 @@ class _Decoder(Drafters):
         bad = torch.isnan(new_last[:, :self.step_heads]).flatten(1).any(1) & active
         lk = [] if prop.from_lookup is None else [prop.from_lookup]
         cols = [self.done, bad, keep, prop.n] + lk + (prop.judged or [])
-        rows = torch.stack([c.double() for c in cols], dim=1).tolist()
+        rows = torch.stack(cols, dim=1).tolist()  # promoted to the widest dtype in one op
         j = 4 + len(lk)  # the judged guesses' first column
         fed = prop.tokens[:, 1:T].tolist() if self.index is not None else None
         drafting = self.strategy in ("speculative", "lookup")
