@@ -167,6 +167,9 @@ def _add_generate(sub):
     p.add_argument("--temperature", type=float, default=0.7, help="with --do-sample only")
     p.add_argument("--top-k", type=int, default=50, help="with --do-sample only")
     p.add_argument("--eps-b", type=float, default=None, help="DynaMo static threshold (default: DynamoConfig's)")
+    p.add_argument("--dynamo", default=None, metavar="JSON",
+                   help='other DynamoConfig fields as a JSON object, e.g. the setting with ar\'s variety (README): '
+                        '\'{"adaptive_threshold": false, "repetition_penalty": 20, "alpha_c": 1.1}\'')
     p.add_argument("--eos", type=int, action="append", default=None, metavar="ID",
                    help="stop a row at this token id (repeatable; default: 0, the bundled tokenizer's end of text)")
     p.add_argument("--no-eos", action="store_true", help="never stop early: always write --max-new-tokens")
@@ -199,6 +202,26 @@ def _read_prompt(args) -> str:
         raise ValueError(f"cannot read --prompt-file {args.prompt_file}: {e}") from e
 
 
+def _dynamo_overrides(text) -> dict:
+    """``--dynamo`` JSON -> DynamoConfig fields (a ValueError naming what was wrong)."""
+    import dataclasses
+    from .policy import DynamoConfig
+
+    if text is None:
+        return {}
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--dynamo must be a JSON object of DynamoConfig fields, got {text!r} ({e})") from e
+    if not isinstance(fields, dict):
+        raise ValueError(f"--dynamo must be a JSON object of DynamoConfig fields, got {type(fields).__name__} {text!r}")
+    known = {f.name for f in dataclasses.fields(DynamoConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"--dynamo: unknown DynamoConfig field(s) {unknown}; expected some of {sorted(known)}")
+    return fields
+
+
 def _run_generate(args) -> int:
     import torch
 
@@ -219,7 +242,9 @@ def _run_generate(args) -> int:
                          f"context of {model.max_seq_len} tokens")
     ids, mask = encode_batch(tok, [prompt] * args.num_samples, args.device, room, args.truncate)
     eos = None if args.no_eos else (args.eos if args.eos is not None else [0])
-    overrides = {} if args.eps_b is None else {"eps_b": args.eps_b}
+    overrides = _dynamo_overrides(args.dynamo)
+    if args.eps_b is not None:
+        overrides["eps_b"] = args.eps_b
     streamer = TextStreamer(tok) if args.stream else None
     if streamer:
         sys.stdout.write(prompt)

@@ -28,6 +28,10 @@ def run(capsys, *argv):
     (["generate", "--prompt-file", "/nonexistent/prompt.py"], "cannot read --prompt-file /nonexistent/prompt.py"),
     (["generate", "--prompt", "x", "--max-new-tokens", "600", "--no-stats"], "leaves no room for a prompt"),
     (["generate", "--prompt", "x", "--cuda-graph", "--no-stats"], "cuda_graph=True needs the model and input_ids on a CUDA"),
+    (["generate", "--prompt", "x", "--dynamo", "[1]", "--no-stats"], "--dynamo must be a JSON object of DynamoConfig fields, got list"),
+    (["generate", "--prompt", "x", "--dynamo", "{oops", "--no-stats"], "--dynamo must be a JSON object"),
+    (["generate", "--prompt", "x", "--dynamo", '{"alpha": 1}', "--no-stats"], r"unknown DynamoConfig field\(s\) \['alpha'\]"),
+    (["generate", "--prompt", "x", "--dynamo", '{"repetition_penalty": 0}', "--no-stats"], "repetition_penalty must be"),
     (["cooccur", "--tokenizer", "tok.json", "--out", "/nonexistent/dir/s.npz", "Lib"],
      "--out /nonexistent/dir/s.npz: directory /nonexistent/dir does not exist"),
 ])
@@ -64,6 +68,24 @@ def test_num_samples_and_eos(capsys):
     rc, out, err = run(capsys, "generate", "--prompt", "def f(x):", "--max-new-tokens", "6", "--num-samples", "3",
                        "--do-sample", "--no-stats", "--strategy", "lookup", "--no-eos")
     assert rc == 0 and out.count("----- sample") == 3 and err.count("[lookup] 6 tokens") == 3
+
+
+@needs_model
+def test_dynamo_fields_from_the_command_line_reach_the_policy(capsys):
+    """--dynamo sets DynamoConfig fields: the variety setting of the README gives the tokens that
+    sample() gives with the same fields (greedy, fp32), and they differ from the defaults' here."""
+    from dynamo_sampling import sample
+
+    variety = {"adaptive_threshold": False, "repetition_penalty": 20.0, "alpha_c": 1.1}
+    argv = ["generate", "--prompt", "def f(x):", "--max-new-tokens", "24", "--no-eos", "--dtype", "float32",
+            "--eps-b", "0.03"]
+    rc, out, _ = run(capsys, *argv, "--dynamo", '{"adaptive_threshold": false, "repetition_penalty": 20, "alpha_c": 1.1}')
+    rc0, out0, _ = run(capsys, *argv)
+    assert rc == rc0 == 0 and out != out0
+    model, tok, stats = load_pretrained(dtype="float32")
+    ids = torch.tensor([tok.encode("def f(x):").ids])
+    ref = sample(model, ids, strategy="dynamo", max_new_tokens=24, stats=stats, eps_b=0.03, **variety)
+    assert out == "def f(x):" + tok.decode(ref[0, ids.shape[1]:].tolist()) + "\n"
 
 
 @needs_model
