@@ -7,8 +7,9 @@ per prompt), its speed-up against ``ar`` and its tokens per step, as a table and
     python benchmarks/ab_flag.py dynamo_sampling.drafters.MISS_BACKOFF --mode sampled --out results.json
 
 Prompts: ``--prompts`` held-out windows of 192 tokens from the stdlib test split, 64 new tokens, one by
-one or (``--batch-size B``) in batches of B, the bundled model, one torch thread. ``--failing`` randomises the signs of heads 2..H's output norms
-first (drafts that are never accepted), as ``bench_loop.py`` does.
+one or (``--batch-size B``) in batches of B, the bundled model, one torch thread. ``--failing``
+randomises the signs of heads 2..H's output norms first (drafts that are never accepted), as
+``bench_loop.py`` does.
 """
 from __future__ import annotations
 

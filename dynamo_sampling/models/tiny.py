@@ -33,7 +33,6 @@ weights with the LayerNorm affines folded in; no host sync on an accelerator. Te
 from __future__ import annotations
 
 import functools
-
 import json
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -303,8 +302,8 @@ def grouped_block(x: torch.Tensor, w: GroupWeights, plan: FeedPlan, cache: Optio
         k = cast(apply_rotary_whole(qkv[1], cos, sin)).reshape(g * B, nh, T, hd)
         T = rows.shape[1]
         pick = rows[None, :, None, :, None]  # (1, B, 1, T', 1)
-        q = cast(apply_rotary_whole(qkv[0].gather(3, pick.expand(g, B, nh, T, hd)),
-                                    cos.gather(2, pick[0].expand(B, 1, T, hd)), sin.gather(2, pick[0].expand(B, 1, T, hd))))
+        at = pick[0].expand(B, 1, T, hd)
+        q = cast(apply_rotary_whole(qkv[0].gather(3, pick.expand(g, B, nh, T, hd)), cos.gather(2, at), sin.gather(2, at)))
         x = x.gather(1, rows[:, :, None].expand(B, T, d))
         mask = plan.rows_mask(rows, g)
     q = q.reshape(g * B, nh, T, hd)
