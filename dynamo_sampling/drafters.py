@@ -27,8 +27,6 @@ PROBE_EVERY = 16
 # a row whose last m evaluations of the joint fed no joint draft waits 2**m - 1 steps (at most
 # PROBE_EVERY) before the next, even where the bound on the joint's value says it could win
 MISS_BACKOFF = True
-# and once m > 4, its probes come every PROBE_EVERY * 2**(m - 4) steps (at most 4 * PROBE_EVERY)
-PROBE_BACKOFF = True
 
 
 @dataclass
@@ -164,13 +162,12 @@ class Drafters:
 
     def _wants_joint(self, b: int, alt: float, against_lookup: bool) -> bool:
         """Whether row b evaluates the joint this step (drafts sized by cost): a probe after PROBE_EVERY
-        steps without (more after m > 4 evaluations in a row that fed no joint draft: PROBE_BACKOFF);
-        else where its bound beats ``alt`` (the lookup draft's value, or feeding no draft's) and, after
-        m such evaluations, 2**m - 1 steps have passed."""
+        steps without; else where its bound beats ``alt`` (the lookup draft's value, or feeding no
+        draft's) and, after m evaluations in a row that fed no joint draft, 2**m - 1 steps have passed."""
         since = self.since_joint_h[b]
-        m = self.joint_miss_h[b] if MISS_BACKOFF else 0
-        if since >= (PROBE_EVERY << min(max(m - 4, 0), 2) if PROBE_BACKOFF else PROBE_EVERY):
+        if since >= PROBE_EVERY:
             return True
+        m = self.joint_miss_h[b] if MISS_BACKOFF else 0
         return since >= min((1 << m) - 1, PROBE_EVERY) and not alt >= self._joint_bound(b, against_lookup)
 
     def _joint_bound(self, b: int, against_lookup: bool) -> float:

@@ -248,8 +248,7 @@ def test_heads_on_demand_price_a_step_without_a_joint_draft_at_head_1_alone(monk
 def test_a_joint_that_keeps_losing_waits_longer_before_it_is_evaluated_again(monkeypatch):
     """Where the bound on the joint's value says it could win but the row's last m evaluations fed no
     joint draft, the row waits 2**m - 1 steps (at most PROBE_EVERY) before the next evaluation; a probe
-    after PROBE_EVERY steps comes regardless (after 2**(m-4) PROBE_EVERY, at most 4, once m > 4), and a
-    bound that cannot win never evaluates otherwise."""
+    after PROBE_EVERY steps comes regardless, and a bound that cannot win never evaluates."""
     from dynamo_sampling import drafters
 
     class Row(drafters.Drafters):
@@ -276,18 +275,6 @@ def test_a_joint_that_keeps_losing_waits_longer_before_it_is_evaluated_again(mon
         row.since_joint_h = [since]
         wants.append(row._wants_joint(0, 1.0, against_lookup=False))
     assert wants == [s >= drafters.PROBE_EVERY for s in range(20)]
-    monkeypatch.setattr(drafters, "MISS_BACKOFF", True)
-    P = drafters.PROBE_EVERY  # after m > 4 evaluations in a row without a joint draft fed, the probes thin out
-    for m, first in ((4, P), (5, 2 * P), (6, 4 * P), (9, 4 * P)):
-        row.joint_miss_h = [m]
-        wants = []
-        for since in range(5 * P):
-            row.since_joint_h = [since]
-            wants.append(row._wants_joint(0, 1.0, against_lookup=False))
-        assert wants == [s >= first for s in range(5 * P)], m
-    monkeypatch.setattr(drafters, "PROBE_BACKOFF", False)
-    row.since_joint_h = [P]
-    assert row._wants_joint(0, 1.0, against_lookup=False)
 
 
 def test_host_draft_sizing_matches_the_tensor_rule_exactly():
