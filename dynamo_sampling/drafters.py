@@ -27,6 +27,8 @@ PROBE_EVERY = 16
 # a row whose last m evaluations of the joint fed no joint draft waits 2**m - 1 steps (at most
 # PROBE_EVERY) before the next, even where the bound on the joint's value says it could win
 MISS_BACKOFF = True
+# in a batch, joint drafts are dropped when the heads they need cost the other rows more than they bring
+BATCH_GATE = True
 
 
 @dataclass
@@ -195,10 +197,20 @@ class Drafters:
             D = lookup_accept.shape[1]
             acc[:, :D] = torch.where(use[:, None], lookup_accept, acc[:, :D])
         acc = torch.where(self.ar_w[None, 1:] < prop.n[:, None], acc, 0.0)  # beyond a row's draft: 0
-        total = (expected_kept(acc) * active[:, None]).sum(0)  # (W,): every row fed min(its n, w) tokens
+        kept = expected_kept(acc) * active[:, None]  # (B, W): each row fed min(its n, w) tokens
+        total = kept.sum(0)
         cost = self.cost if self.step_heads > 1 else self.cost_lookup
         if self.lazy and self.step_heads > 1:  # at width 1 no row feeds a draft: head 1 runs alone (step())
             cost = torch.cat([self.cost_lookup[:1], cost[1:]])
+            if BATCH_GATE:
+                # every row pays for the heads that the rows feeding joint drafts need: unless the batch
+                # keeps more tokens per unit of cost with them, those rows feed their first token alone
+                # and the step runs head 1 alone (the rows' own choices ignored that the others pay)
+                joint_rows = (active if use is None else active & ~use) & (prop.n > 1)
+                total_h1 = torch.where(joint_rows[:, None], active[:, None].double(), kept).sum(0)
+                if not bool((total / cost[:W]).max() > (total_h1 / self.cost_lookup[:W]).max()):  # a CPU: no sync
+                    prop.n = torch.where(joint_rows, 1, prop.n)
+                    self.step_heads, total, cost = 1, total_h1, self.cost_lookup
         prop.n = torch.minimum(prop.n, (total / cost[:W]).argmax() + 1)
 
     def _joint_draft(self, prop: Proposal, first, remaining) -> torch.Tensor:

@@ -645,9 +645,11 @@ def test_batch_drafts_are_capped_at_the_width_that_pays_for_the_batch():
         me = SimpleNamespace(B=3, W=5, dev=torch.device("cpu"), step_heads=3 if lazy else 1, cost=table,
                              cost_lookup=torch.tensor(head1_cost, dtype=torch.float64) if lazy else table,
                              lazy=lazy, ar_w=torch.arange(5))
-        prop = Proposal(torch.zeros(3, 5, dtype=torch.long), torch.tensor(n))
+        prop = Proposal(torch.zeros(3, 5, dtype=torch.long), torch.tensor(n),
+                        accept=None if not lazy else torch.tensor(accept, dtype=torch.float64))
         rows = torch.tensor([True, True, False])
-        _Decoder._cap_to_batch(me, prop, torch.tensor(accept, dtype=torch.float64), rows, rows)
+        # without heads on demand every row's draft is lookup's here; with them, the joint's (no lookup)
+        _Decoder._cap_to_batch(me, prop, torch.tensor(accept, dtype=torch.float64), None if lazy else rows, rows)
         return prop.n.tolist()
 
     unlikely = [[0.2] * 4, [0.0] * 4, [0.9] * 4]
@@ -659,6 +661,31 @@ def test_batch_drafts_are_capped_at_the_width_that_pays_for_the_batch():
     every_head = [1.3, 1.5, 1.8, 2.1, 2.4]
     assert cap(every_head, some, [5, 1, 5]) == [2, 1, 2]  # against width 1 with every head: 2.4 / 1.5 > 2 / 1.3
     assert cap(every_head, some, [5, 1, 5], head1_cost=[1.0, 1.1, 1.2, 1.3, 1.4]) == [1, 1, 1]  # 2 / 1.0 wins
+
+
+def test_a_batch_drops_joint_drafts_whose_heads_cost_the_other_rows_more_than_they_bring(monkeypatch):
+    """With heads on demand, a row's joint draft makes the whole batch's forward run every head: where
+    the batch keeps more tokens per unit of cost without them (here two rows' likely lookup drafts
+    against one unlikely joint draft), the joint rows feed their first token alone and the step runs
+    head 1 alone (drafters.BATCH_GATE); with likely joint drafts they stay."""
+    from types import SimpleNamespace
+    from dynamo_sampling import drafters
+    from dynamo_sampling.decoding import Proposal, _Decoder
+
+    def cap(joint_accept):
+        head1 = torch.tensor([1.0, 1.05, 1.1, 1.15, 1.2], dtype=torch.float64)
+        me = SimpleNamespace(B=3, W=5, dev=torch.device("cpu"), step_heads=3, lazy=True, ar_w=torch.arange(5),
+                             cost=torch.tensor([1.2, 1.25, 1.3, 1.35, 1.4], dtype=torch.float64), cost_lookup=head1)
+        prop = Proposal(torch.zeros(3, 5, dtype=torch.long), torch.tensor([5, 5, 5]),
+                        accept=torch.tensor([[joint_accept] * 4] * 3, dtype=torch.float64))
+        use = torch.tensor([False, True, True])  # row 0 feeds the joint's draft, rows 1-2 lookup's
+        _Decoder._cap_to_batch(me, prop, torch.full((3, 4), 0.9, dtype=torch.float64), use, torch.ones(3, dtype=torch.bool))
+        return prop.n.tolist(), me.step_heads
+
+    assert cap(0.4) == ([1, 5, 5], 1)
+    assert cap(0.99) == ([5, 5, 5], 3)
+    monkeypatch.setattr(drafters, "BATCH_GATE", False)
+    assert cap(0.4) == ([5, 5, 5], 3)
 
 
 # ---------------------------------------------------------------- finished rows leave the batch
