@@ -23,7 +23,7 @@ from .drafting import expected_kept, size_draft, size_drafts
 
 # a row whose joint drafts have not been worth evaluating (drafts sized by cost) still evaluates them
 # every this many steps, so that its acceptance evidence can recover when the heads get better
-PROBE_EVERY = 16
+PROBE_EVERY = 32
 # a row whose last m evaluations of the joint fed no joint draft waits 2**m - 1 steps (at most
 # PROBE_EVERY) before the next, even where the bound on the joint's value says it could win
 MISS_BACKOFF = True

@@ -258,23 +258,24 @@ def test_a_joint_that_keeps_losing_waits_longer_before_it_is_evaluated_again(mon
         def _joint_bound(self, b, against_lookup):
             return self.bound
 
+    P = drafters.PROBE_EVERY
     row = Row(bound=2.0)
-    for m, first in ((0, 0), (1, 1), (2, 3), (3, 7), (4, 15), (9, 16)):
+    for m, first in ((0, 0), (1, 1), (2, 3), (3, 7), (4, 15), (9, min(511, P))):
         row.joint_miss_h = [m]
         wants = []
-        for since in range(20):
+        for since in range(P + 4):
             row.since_joint_h = [since]
             wants.append(row._wants_joint(0, 1.0, against_lookup=False))
-        assert wants == [s >= first for s in range(20)], m
+        assert wants == [s >= first for s in range(P + 4)], m
     monkeypatch.setattr(drafters, "MISS_BACKOFF", False)
     row.joint_miss_h, row.since_joint_h = [5], [0]
     assert row._wants_joint(0, 1.0, against_lookup=True)
     row = Row(bound=0.5)  # cannot beat the alternative: only the probe
     wants = []
-    for since in range(20):
+    for since in range(P + 4):
         row.since_joint_h = [since]
         wants.append(row._wants_joint(0, 1.0, against_lookup=False))
-    assert wants == [s >= drafters.PROBE_EVERY for s in range(20)]
+    assert wants == [s >= P for s in range(P + 4)]
 
 
 def test_host_draft_sizing_matches_the_tensor_rule_exactly():
