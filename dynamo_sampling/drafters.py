@@ -202,16 +202,18 @@ class Drafters:
         cost = self.cost if self.step_heads > 1 else self.cost_lookup
         if self.lazy and self.step_heads > 1:  # at width 1 no row feeds a draft: head 1 runs alone (step())
             cost = torch.cat([self.cost_lookup[:1], cost[1:]])
-            if BATCH_GATE:
-                # every row pays for the heads that the rows feeding joint drafts need: unless the batch
-                # keeps more tokens per unit of cost with them, those rows feed their first token alone
-                # and the step runs head 1 alone (the rows' own choices ignored that the others pay)
-                joint_rows = (active if use is None else active & ~use) & (prop.n > 1)
-                total_h1 = torch.where(joint_rows[:, None], active[:, None].double(), kept).sum(0)
-                if not bool((total / cost[:W]).max() > (total_h1 / self.cost_lookup[:W]).max()):  # a CPU: no sync
-                    prop.n = torch.where(joint_rows, 1, prop.n)
-                    self.step_heads, total, cost = 1, total_h1, self.cost_lookup
-        prop.n = torch.minimum(prop.n, (total / cost[:W]).argmax() + 1)
+        value = total / cost[:W]  # the batch's expected kept tokens per unit of cost, by width
+        if self.lazy and self.step_heads > 1 and BATCH_GATE:
+            # every row pays for the heads that the rows feeding joint drafts need: unless the batch keeps
+            # more tokens per unit of cost with them, those rows feed their first token alone and the step
+            # runs head 1 alone (the rows' own choices ignored that the others pay). bool(): a host read,
+            # free here (this method runs on a CPU only, see propose_draft)
+            joint_rows = (active if use is None else active & ~use) & (prop.n > 1)
+            value_h1 = torch.where(joint_rows[:, None], active[:, None].double(), kept).sum(0) / self.cost_lookup[:W]
+            if not bool(value.max() > value_h1.max()):
+                prop.n = torch.where(joint_rows, 1, prop.n)
+                self.step_heads, value = 1, value_h1
+        prop.n = torch.minimum(prop.n, value.argmax() + 1)
 
     def _joint_draft(self, prop: Proposal, first, remaining) -> torch.Tensor:
         """The heads' joint n-gram after ``first``, sized; fills ``prop``, returns its value (B,)."""

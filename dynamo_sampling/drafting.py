@@ -85,8 +85,8 @@ def measure_step_cost(model, batch_size: int, width: int, rounds: int = 5, sampl
 
     Timed on a scratch cache holding a ``prefix``-token prefix (at most the model's context less
     ``width``; attention's share of a step grows with it, most at larger batches), head 1
-    unembedded at every fed row and heads 2..H at one, as the loop does, and the verification of T - 1 draft tokens (greedy: an
-    argmax per row; ``sampled``: head 1's softmax per row, what rejection sampling reads). Widths
+    unembedded at every fed row and heads 2..H at one, as the loop does, and the verification of
+    T - 1 draft tokens (greedy: an argmax per row; ``sampled``: head 1's softmax per row, what rejection sampling reads). Widths
     T = 1, 2, 3, 4, 8, ... (powers of two) and ``width`` are timed and the others interpolated
     linearly (a forward's cost grows about linearly in the tokens fed; this halves the time the
     first ``sample()`` call spends measuring). Every variant is timed once per round, ``rounds``

@@ -283,3 +283,14 @@ def test_static_cache_same_logits_and_no_host_sync(normed_model):
             assert rec.syncs == []
     for a, b in zip(out[False], out[True]):
         assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1, :1], b[1, :1], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_head_rotary_equals_the_half_split_reference_bit_for_bit(dtype):
+    """The fast path's rotary (one roll, the sin table signed; q and k in one call) gives exactly the
+    reference's values, so its logits are the reference layout's."""
+    from dynamo_sampling.models.tiny import apply_rotary, apply_rotary_whole, rotary_tables, rotary_whole
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 2, 4, 5, 32, generator=g).to(dtype)  # (q/k, g, B, nh, T, hd) as grouped_block has it
+    cos, sin = rotary_tables(torch.tensor([[7, 8, 9, 10, 11], [0, 1, 2, -1, -1]]), 32, 10000.0)  # (B, 1, T, 16)
+    assert torch.equal(apply_rotary_whole(x, *rotary_whole(cos, sin)), apply_rotary(x, cos, sin))
