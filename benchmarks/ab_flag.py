@@ -1,4 +1,5 @@
-"""In-process A/B of a module-level boolean of the library (a switch kept beside a fast path).
+"""In-process A/B of a module-level boolean of the library (a switch kept beside a fast path), or of
+an int constant's two values (``--values``).
 
 Runs ``ar`` and the given strategies with the flag off and on, interleaved per prompt (the order
 alternating between prompts and rounds), and prints each setting's total time (best of the rounds
@@ -36,7 +37,9 @@ STRATEGIES = {"speculative": dict(strategy="speculative"), "joint": dict(strateg
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("flag", help="module.NAME of a boolean, e.g. dynamo_sampling.drafters.MISS_BACKOFF")
+    p.add_argument("flag", help="module.NAME of a boolean, e.g. dynamo_sampling.drafters.MISS_BACKOFF, or of an "
+                                "int with --values, e.g. dynamo_sampling.drafters.PROBE_EVERY --values 16 32")
+    p.add_argument("--values", type=int, nargs=2, default=None, help="an int constant's two settings")
     p.add_argument("--strategies", nargs="+", default=["speculative", "joint"], choices=list(STRATEGIES))
     p.add_argument("--mode", choices=["greedy", "sampled"], default="greedy")
     p.add_argument("--prompts", type=int, default=20)
@@ -47,8 +50,12 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     module, name = a.flag.rsplit(".", 1)
     mod = importlib.import_module(module)
-    if not isinstance(getattr(mod, name, None), bool):
-        raise SystemExit(f"{a.flag} is not a boolean of {module}")
+    current = getattr(mod, name, None)
+    if a.values is None and not isinstance(current, bool):
+        raise SystemExit(f"{a.flag} is not a boolean of {module} (an int constant takes --values A B)")
+    if a.values is not None and (isinstance(current, bool) or not isinstance(current, int)):
+        raise SystemExit(f"--values needs an int constant; {a.flag} is {current!r}")
+    values = (False, True) if a.values is None else tuple(a.values)
     torch.set_num_threads(1)
     model, tok, stats = load_pretrained()
     if a.failing:
@@ -57,8 +64,8 @@ def main(argv=None) -> int:
     if a.batch_size > 1:  # the windows are all 192 tokens: batches of B stacked
         prompts = [torch.cat(prompts[i:i + a.batch_size]) for i in range(0, len(prompts), a.batch_size)]
     sampled = a.mode == "sampled"
-    settings = {"ar": (True, dict(strategy="ar"))}
-    for value in (False, True):
+    settings = {"ar": (current, dict(strategy="ar"))}
+    for value in values:
         for s in a.strategies:
             settings[f"{s}/{name}={value}"] = (value, STRATEGIES[s])
 
