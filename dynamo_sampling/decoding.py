@@ -42,7 +42,7 @@ import torch
 from .drafters import Drafters, Proposal
 from .drafting import STEP_COST, DraftConfig, Evidence, step_cost_tables
 from .graphs import GraphedForward
-from .lookup import LookupConfig, NgramIndex
+from .lookup import CorpusDrafts, LookupConfig, NgramIndex
 from .policy import DynamoConfig, dynamo_step
 from .samplers import SamplingParams
 
@@ -101,6 +101,9 @@ class _Decoder(Drafters):
         self.heads = self.H if strategy in ("dynamo", "speculative") else 1
         uses_lookup = strategy == "lookup" or (strategy == "speculative" and draft.hybrid)
         self.index = NgramIndex(input_ids, mask, lookup) if uses_lookup else None
+        # the lookup drafter's second source, the corpus (sized by cost only: it needs the evidence)
+        self.corpus = (CorpusDrafts(stats) if uses_lookup and hasattr(stats, "table") and lookup.corpus_draft > 0
+                       and draft.size_by == "cost" else None)
         # heads on demand pay where the joint is evaluated on some steps only (drafts sized by cost, which
         # skips it where it cannot beat lookup's draft or no draft); DynaMo's thresholds evaluate it every
         # step, and there a separate catch-up call per step costs more than running all heads in every forward
@@ -135,6 +138,7 @@ class _Decoder(Drafters):
         self.joint_miss_h = [0] * B  # the row's evaluations in a row whose joint draft was not fed
         self.joint_ev = Evidence(B, prior_first=0.0, prior_cont=0.0)  # first: prior is the heads' own q
         self.lookup_ev = Evidence(B, prior_first=0.5, prior_cont=0.8)  # a copied span tends to go on
+        self.corpus_ev = Evidence(B, prior_first=0.4, prior_cont=0.5)  # the corpus's most frequent follower
         self.eos = torch.tensor(eos_token_id or [], dtype=torch.long, device=dev)
         self.seen = None
         if strategy in ("dynamo", "speculative") and dynamo.repetition_penalty != 1.0:
@@ -279,8 +283,10 @@ class _Decoder(Drafters):
         if self.sp.do_sample:
             rejected = (n_acc + 1 < n)  # a draft token was checked and refused
             r = n_acc.clamp(max=T - 2) + 1  # index of the refused draft token
-            q = torch.zeros(B, self.V, device=dev).scatter_(1, prop.q_ids[torch.arange(B, device=dev), r],
-                                                       prop.q_probs[torch.arange(B, device=dev), r])
+            # scatter_add_: a point mass (drafters._point_masses) over a joint's k columns repeats its id with
+            # probability 0 in the others, and scatter_ would keep any one of the repeats' values
+            q = torch.zeros(B, self.V, device=dev).scatter_add_(1, prop.q_ids[torch.arange(B, device=dev), r],
+                                                           prop.q_probs[torch.arange(B, device=dev), r])
             self.residual = torch.where(rejected[:, None], q, 0.0)
         return keep
 
@@ -415,6 +421,7 @@ class _Decoder(Drafters):
             setattr(self, name, [getattr(self, name)[b] for b in keep])
         self.joint_ev.select(keep)
         self.lookup_ev.select(keep)
+        self.corpus_ev.select(keep)
         if self.index is not None:
             self.index.select(keep)
         self.B = len(keep)

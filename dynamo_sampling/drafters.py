@@ -40,7 +40,7 @@ class Proposal:
     q_ids, q_probs : (B, W, kq) or None; sampling only: the draft distribution of token j >= 1
         (``q_probs`` over ``q_ids``), what rejection sampling needs.
     from_lookup : (B,) bool or None; rows whose draft came from the lookup index.
-    guess_joint, guess_lookup : (B,) int64 or None; each drafter's first draft token (-1: none),
+    guess_joint, guess_lookup, guess_corpus : (B,) int64 or None; each drafter's first draft token (-1: none),
         judged by head 1 at the first fed position whichever draft is fed (acceptance evidence;
         only where drafts are sized by cost, the one reader of the evidence).
     guess_joint_q : (B,) float64 or None; the joint's probability of its first draft token.
@@ -55,20 +55,26 @@ class Proposal:
     guess_joint: Optional[torch.Tensor] = None
     guess_joint_q: Optional[torch.Tensor] = None
     guess_lookup: Optional[torch.Tensor] = None
+    guess_corpus: Optional[torch.Tensor] = None
     accept: Optional[torch.Tensor] = None  # (B, H-1 or W-1) float64: the joint draft's acceptance estimates
     judged: Optional[list] = None
     joint_len: Optional[list] = None  # host, per row: joint tokens of a merged draft, -1 where not merged
+    corpus_rows: Optional[list] = None  # host, per row: the fed draft is the corpus's (lookup.CorpusDrafts)
 
 
 @dataclass
 class LookupDraft:
     """The lookup drafter's proposal, on the host (per row lists): the drafts, their sized lengths,
-    values (expected kept tokens per unit of cost) and the acceptance estimates they were sized with."""
+    values (expected kept tokens per unit of cost) and the acceptance estimates they were sized with;
+    with corpus drafts, which rows' drafts are the corpus's and both drafters' first tokens."""
 
     drafts: list
     length: list
     value: list
     accept: Optional[list]  # None where drafts are used whole (no sizing)
+    firsts: Optional[list] = None  # the row's own lookup draft's first token (-1: none), fed or not
+    corpus: Optional[list] = None  # rows whose draft is the corpus's (with corpus drafts)
+    corpus_firsts: Optional[list] = None  # the corpus draft's first token (-1: none), fed or not
 
 
 def _point_masses(prop: Proposal, at: torch.Tensor):
@@ -298,19 +304,37 @@ class Drafters:
 
     def _lookup_draft(self, first, active_h) -> LookupDraft:
         """The prompt-lookup draft after ``first`` (B,), drafted and sized on the host, where the
-        index lives (finished rows draft nothing)."""
+        index lives (finished rows draft nothing); with corpus drafts, each row's own lookup draft or
+        the corpus's (:class:`~dynamo_sampling.lookup.CorpusDrafts`), whichever is worth more."""
         self.index.extend([[t] if a else [] for t, a in zip(first.tolist(), active_h)])
-        drafts = self.index.drafts([self.max_new - g - 1 if a else 0 for g, a in zip(self.n_gen_h, active_h)])
+        caps = [self.max_new - g - 1 if a else 0 for g, a in zip(self.n_gen_h, active_h)]
+        drafts = self.index.drafts(caps)
         if self.cost is None:  # used whole
             return LookupDraft(drafts, [len(d) for d in drafts], [float(len(d)) for d in drafts], None)
-        length, value, accept = [], [], []
+        out = LookupDraft(drafts, [], [], [], firsts=[d[0] if d else -1 for d in drafts])
+        corpus = self.corpus
+        if corpus is not None:
+            out.corpus, out.corpus_firsts = [False] * self.B, [-1] * self.B
         for b, d in enumerate(drafts):
-            acc = [self.lookup_ev.first_rate(b)] + [self.lookup_ev.cont_rate(b)] * (len(d) - 1) if d else []
-            n, v = size_draft(acc, len(d), self.cost_lookup_h)
-            length.append(n)
-            value.append(v)
-            accept.append(acc)
-        return LookupDraft(drafts, length, value, accept)
+            n, v, acc = self._sized(self.lookup_ev, b, len(d))
+            if corpus is not None and caps[b] > 0:
+                c = corpus.draft(self.index.tail(b, corpus.context), min(caps[b], self.lookup.corpus_draft, self.lookup.max_draft))
+                if c:
+                    out.corpus_firsts[b] = c[0]
+                    cn, cv, cacc = self._sized(self.corpus_ev, b, len(c))
+                    if cv > v:
+                        drafts[b], n, v, acc, out.corpus[b] = c, cn, cv, cacc, True
+            out.length.append(n)
+            out.value.append(v)
+            out.accept.append(acc)
+        return out
+
+    def _sized(self, ev, b: int, d: int) -> tuple:
+        """A d-token draft of a drafter with evidence ``ev`` (its first and continuation rates) in
+        row b, sized on the host: (length, value, acceptance estimates)."""
+        acc = [ev.first_rate(b)] + [ev.cont_rate(b)] * (d - 1) if d else []
+        n, v = size_draft(acc, d, self.cost_lookup_h)
+        return n, v, acc
 
     def _use_lookup(self, prop: Proposal, lookup: LookupDraft, joint_value) -> torch.Tensor:
         """Feed the lookup draft (its sized length) in the rows where it is worth more than the
@@ -321,8 +345,11 @@ class Drafters:
         use = ld > 0
         if joint_value is not None:
             use &= torch.tensor(lookup.value, dtype=torch.float64, device=dev) > joint_value
-        if self.cost is not None:
-            prop.guess_lookup = draft[:, 0]  # -1 where the row has no draft
+        if self.cost is not None:  # -1 where the drafter has no draft
+            prop.guess_lookup = torch.tensor(lookup.firsts, dtype=torch.long, device=dev)
+            if lookup.corpus is not None:
+                prop.guess_corpus = torch.tensor(lookup.corpus_firsts, dtype=torch.long, device=dev)
+                prop.corpus_rows = lookup.corpus
         prop.from_lookup = use
         prop.n = torch.where(use, 1 + ld, prop.n)
         prop.tokens[:, 1:1 + D] = torch.where(use[:, None], draft, prop.tokens[:, 1:1 + D])
@@ -340,7 +367,7 @@ class Drafters:
         if prop.guess_joint is None and prop.guess_lookup is None:
             return
         prop.judged = []
-        for guess, q in ((prop.guess_joint, prop.guess_joint_q), (prop.guess_lookup, None)):
+        for guess, q in ((prop.guess_joint, prop.guess_joint_q), (prop.guess_lookup, None), (prop.guess_corpus, None)):
             if guess is None:
                 continue
             if self.sp.do_sample:
@@ -352,16 +379,19 @@ class Drafters:
             prop.judged.append(torch.where(active & (guess >= 0), accept, -1.0))
 
     def _add_evidence(self, prop: Proposal, b: int, judged: list, drafted: int, accepted: int, lk: bool):
-        """Row b's step into both drafters' evidence: the judged first guesses (``prop.judged``'s row),
-        and the fed draft's drafted / accepted tokens (``lk``: it was lookup's)."""
-        if prop.guess_joint is not None and judged[0] >= 0:
-            self.joint_ev.add_first(b, judged[0])
-        if prop.guess_lookup is not None and judged[-1] >= 0:
-            self.lookup_ev.add_first(b, judged[-1])
+        """Row b's step into the drafters' evidence: the judged first guesses (``prop.judged``'s row,
+        in _judge_first_guesses' order), and the fed draft's drafted / accepted tokens (``lk``: it was
+        lookup's, the row's own or the corpus's)."""
+        guessed = [ev for guess, ev in ((prop.guess_joint, self.joint_ev), (prop.guess_lookup, self.lookup_ev),
+                                        (prop.guess_corpus, self.corpus_ev)) if guess is not None]
+        for ev, j in zip(guessed, judged):
+            if j >= 0:
+                ev.add_first(b, j)
         d = -1 if lk or prop.joint_len is None else prop.joint_len[b]
         if d >= 0:  # a merged draft: the joint's tokens, then (if they all passed) lookup's
             self.joint_ev.add_fed(b, d, min(accepted, d))
             if accepted >= d:
                 self.lookup_ev.add_fed(b, drafted - d, accepted - d)
         elif drafted > 0:
-            (self.lookup_ev if lk else self.joint_ev).add_fed(b, drafted, accepted)
+            corpus = lk and prop.corpus_rows is not None and prop.corpus_rows[b]
+            (self.corpus_ev if corpus else self.lookup_ev if lk else self.joint_ev).add_fed(b, drafted, accepted)

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["LookupConfig", "NgramIndex", "brute_force_drafts"]
+__all__ = ["LookupConfig", "NgramIndex", "brute_force_drafts", "CorpusDrafts", "brute_force_corpus_draft"]
 
 
 @dataclass
@@ -46,12 +46,16 @@ class LookupConfig:
     max_ngram: int = 3  # the longest suffix tried first: longer matches are more often right
     min_ngram: int = 1  # back off down to this size; 1 drafts after any repeated token
     max_draft: int = 8  # draft tokens per row and step (D); the verify forward feeds 1 + D
+    # where co-occurrence statistics are given: a second lookup draft, from the corpus (CorpusDrafts), of at
+    # most this many tokens (and max_draft), competing with the row's own; 0: none (prompt lookup alone, as
+    # transformers has it)
+    corpus_draft: int = 4
 
     def validate(self):
         """Check every field's type and range (``TypeError`` / ``ValueError`` naming it); numpy
         integers become ints, bools are refused."""
         import numbers
-        for name in ("max_ngram", "min_ngram", "max_draft"):
+        for name in ("max_ngram", "min_ngram", "max_draft", "corpus_draft"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
@@ -62,6 +66,8 @@ class LookupConfig:
             raise ValueError(f"max_ngram must be >= min_ngram ({self.min_ngram}), got {self.max_ngram}")
         if self.max_draft < 1:
             raise ValueError(f"max_draft must be >= 1, got {self.max_draft}")
+        if self.corpus_draft < 0:
+            raise ValueError(f"corpus_draft must be >= 0, got {self.corpus_draft}")
 
 
 # Appends up to this many tokens take the per-token loop (cheapest for one step's few tokens);
@@ -221,6 +227,10 @@ class NgramIndex:
         """Row ``b``'s tokens so far, as a new list."""
         return list(self._tokens[b])
 
+    def tail(self, b: int, n: int) -> Tuple[int, ...]:
+        """Row ``b``'s last ``n`` tokens (fewer if it has fewer)."""
+        return tuple(self._tokens[b][-n:]) if n > 0 else ()
+
 
 def brute_force_drafts(sequences: Sequence[Sequence[int]], cfg: LookupConfig) -> List[List[int]]:
     """The reference: a backwards scan of each row for its suffix n-gram, same semantics.
@@ -250,3 +260,94 @@ def brute_force_drafts(sequences: Sequence[Sequence[int]], cfg: LookupConfig) ->
                 break
         drafts.append(draft)
     return drafts
+
+
+# ---------------------------------------------------------------- drafts from the corpus
+
+# a context seen fewer times than this in the corpus drafts nothing (backs off to a shorter one)
+CORPUS_MIN_COUNT = 2
+
+
+class CorpusDrafts:
+    """Drafts from the training corpus's n-gram counts: the co-occurrence statistics the joint
+    already reads (a ``CooccurrenceStats``: sorted packed keys of every n-gram, n = 2..max_order).
+
+    After a row's tokens, the next draft token is the one that most often followed its last
+    ``max_order - 1`` tokens in the corpus (ties: the smallest id); where that context was seen
+    fewer than :data:`CORPUS_MIN_COUNT` times (summed over the stored n-grams that start with it),
+    the last ``max_order - 2`` tokens, ..., down to the last token alone; nothing where even that
+    fails. A draft chains this, each drafted token becoming part of the next context. A small model
+    trained on the corpus writes much of what the corpus says next, where its own prompt holds no
+    earlier copy (prompt lookup's source) and where its heads are unsure.
+
+    One lookup is a binary search of each order's keys for the range of n-grams that start with the
+    context (``x1 * V ** (n-1) + ... + x_{n-1} * V`` up to ``+ V``), memoised per context.
+    :func:`brute_force_corpus_draft` counts the corpus directly, same semantics, for the tests."""
+
+    def __init__(self, stats, min_count: int = CORPUS_MIN_COUNT):
+        self.V = int(stats.vocab_size)
+        self.context = int(stats.max_order) - 1  # tokens of context at the longest
+        self.tables = {n: stats.table(n) for n in range(2, int(stats.max_order) + 1)}
+        self.min_count = min_count
+        self._next: Dict[Tuple[int, ...], Optional[int]] = {}
+
+    def next_token(self, context: Tuple[int, ...]) -> Optional[int]:
+        """The corpus's most frequent follower of ``context`` (its last ``max_order - 1`` tokens
+        are read), backing off to shorter contexts; None where no context qualifies."""
+        context = tuple(context[len(context) - self.context:]) if len(context) > self.context else tuple(context)
+        hit = self._next.get(context, -1)
+        if hit != -1:
+            return hit
+        V, out = self.V, None
+        for m in range(len(context), 0, -1):  # m context tokens: the order m + 1 table
+            keys, counts = self.tables[m + 1]
+            base = 0
+            for t in context[len(context) - m:]:
+                base = base * V + t
+            base *= V
+            lo, hi = keys.searchsorted((base, base + V))
+            if hi > lo:
+                c = counts[lo:hi]
+                if int(c.sum()) >= self.min_count:
+                    out = int(keys[lo + int(c.argmax())] - base)
+                    break
+        self._next[context] = out
+        return out
+
+    def draft(self, tail: Sequence[int], cap: int) -> List[int]:
+        """At most ``cap`` tokens after ``tail`` (a row's last tokens; ``max_order - 1`` are read)."""
+        context, out = tuple(tail), []
+        while len(out) < cap:
+            t = self.next_token(context)
+            if t is None:
+                break
+            out.append(t)
+            context = context[1:] + (t,) if len(context) >= self.context else context + (t,)
+        return out
+
+
+def brute_force_corpus_draft(documents: Sequence[Sequence[int]], tail: Sequence[int], cap: int, max_order: int,
+                             min_count: int = CORPUS_MIN_COUNT) -> List[int]:
+    """The reference for :class:`CorpusDrafts`: count every n-gram of ``documents`` (lists of ints;
+    n-grams do not cross documents) and chain the same backed-off argmax, ties to the smallest id."""
+    from collections import Counter
+    counts = Counter()
+    for doc in documents:
+        doc = list(doc)
+        for n in range(2, max_order + 1):
+            for i in range(len(doc) - n + 1):
+                counts[tuple(doc[i:i + n])] += 1
+    context, out = list(tail)[max(len(tail) - (max_order - 1), 0):], []
+    while len(out) < cap:
+        pick = None
+        for m in range(len(context), 0, -1):
+            ctx = tuple(context[len(context) - m:])
+            follow = {g[-1]: c for g, c in counts.items() if len(g) == m + 1 and g[:-1] == ctx}
+            if sum(follow.values()) >= min_count:
+                pick = min(follow, key=lambda t: (-follow[t], t))
+                break
+        if pick is None:
+            break
+        out.append(pick)
+        context = (context + [pick])[-(max_order - 1):]
+    return out

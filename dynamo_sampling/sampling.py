@@ -176,6 +176,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
     dynamo = configs["dynamo"]
     if strategy in ("dynamo", "speculative"):
         check_stats(stats if dynamo.alpha_c > 0 else None, V, model.n_heads)
+    if strategy in ("lookup", "speculative") and configs["lookup"].corpus_draft > 0:
+        check_stats(stats, V, 1)  # corpus drafts read its n-grams: the model's vocabulary
     sampling = SamplingParams(do_sample=bool(do_sample), temperature=temperature, top_k=top_k, generator=generator)
     out = generate(model, input_ids, mask, strategy=strategy, max_new_tokens=max_new_tokens, sampling=sampling,
                    eos_token_id=eos_token_id, pad_token_id=pad_token_id, streamer=streamer, dynamo=dynamo,

@@ -162,6 +162,7 @@ def test_propose_device_argument():
     (dict(min_ngram=0), "min_ngram must be >= 1, got 0"),
     (dict(max_ngram=1, min_ngram=2), "max_ngram must be >= min_ngram (2), got 1"),
     (dict(max_draft=0), "max_draft must be >= 1, got 0"),
+    (dict(corpus_draft=-1), "corpus_draft must be >= 0, got -1"),
 ])
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=f"^{message.replace('(', '[(]').replace(')', '[)]')}$"):
@@ -193,3 +194,41 @@ def test_input_validation_messages():
     with pytest.raises(ValueError, match=r"^propose: max_len must be \(B=2,\), got shape \(1,\)$"):
         index.propose(torch.tensor([1]))
     assert index.tokens(0) == [1, 2] and index.tokens(1) == [3]  # failed calls appended nothing
+
+
+# ---------------------------------------------------------------- corpus drafts
+
+
+def _corpus(vocab, seed, docs=3, length=60):
+    g = random.Random(seed)
+    return [[g.randrange(vocab) for _ in range(g.randint(1, length))] for _ in range(docs)]
+
+
+@pytest.mark.parametrize("vocab,max_order", [(3, 2), (3, 3), (5, 3), (9, 4), (4, 4)])
+def test_corpus_drafts_match_a_direct_count_of_the_corpus(vocab, max_order):
+    from dynamo_sampling.cooccurrence import CooccurrenceStats
+    from dynamo_sampling.lookup import CorpusDrafts, brute_force_corpus_draft
+    docs = _corpus(vocab, seed=vocab * 10 + max_order)
+    stats = CooccurrenceStats.build(docs, vocab, max_order=max_order)
+    for min_count in (1, 2, 4):
+        drafter = CorpusDrafts(stats, min_count=min_count)
+        g = random.Random(min_count)
+        for _ in range(60):
+            tail = [g.randrange(vocab) for _ in range(g.randint(1, 5))]
+            cap = g.randint(0, 6)
+            want = brute_force_corpus_draft(docs, tail, cap, max_order, min_count)
+            assert drafter.draft(tail, cap) == want, (tail, cap, min_count)
+            assert drafter.draft(tail, cap) == want  # memoised: the same again
+
+
+def test_corpus_draft_takes_the_most_frequent_follower_and_backs_off():
+    from dynamo_sampling.cooccurrence import CooccurrenceStats
+    from dynamo_sampling.lookup import CorpusDrafts
+    # after (1, 2): 3 twice, 4 once -> 3; after 3: 0 (seen twice); after (9, 2): never seen, so the
+    # last token alone: after 2 came 3, 3, 4, 5 -> 3; 7 followed nothing twice: no draft
+    docs = [[1, 2, 3, 0], [1, 2, 3, 0], [1, 2, 4], [2, 5], [7, 6]]
+    drafter = CorpusDrafts(CooccurrenceStats.build(docs, 10, max_order=3))
+    assert drafter.draft([1, 2], 3) == [3, 0]  # (3, 0) then nothing follows 0
+    assert drafter.draft([9, 2], 1) == [3]
+    assert drafter.draft([7], 2) == []  # seen once: below the minimum count of 2
+    assert CorpusDrafts(CooccurrenceStats.build(docs, 10, max_order=3), min_count=1).draft([7], 2) == [6]
