@@ -167,6 +167,9 @@ def _add_generate(sub):
     p.add_argument("--temperature", type=float, default=0.7, help="with --do-sample only")
     p.add_argument("--top-k", type=int, default=50, help="with --do-sample only")
     p.add_argument("--eps-b", type=float, default=None, help="DynaMo static threshold (default: DynamoConfig's)")
+    p.add_argument("--corpus-draft", type=int, default=None, metavar="N",
+                   help="lookup / speculative: corpus drafts of at most N tokens from the statistics' n-grams "
+                        "(0: none; default: LookupConfig's)")
     p.add_argument("--dynamo", default=None, metavar="JSON",
                    help='other DynamoConfig fields as a JSON object, e.g. the setting with ar\'s variety (README): '
                         '\'{"adaptive_threshold": false, "repetition_penalty": 20, "alpha_c": 1.1}\'')
@@ -245,6 +248,8 @@ def _run_generate(args) -> int:
     overrides = _dynamo_overrides(args.dynamo)
     if args.eps_b is not None:
         overrides["eps_b"] = args.eps_b
+    if args.corpus_draft is not None:
+        overrides["corpus_draft"] = args.corpus_draft
     streamer = TextStreamer(tok) if args.stream else None
     if streamer:
         sys.stdout.write(prompt)

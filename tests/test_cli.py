@@ -22,6 +22,7 @@ def run(capsys, *argv):
     (["generate", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
     (["generate", "--prompt", "x", "--threads", "0"], "--threads must be >= 1, got 0"),
     (["generate", "--prompt", "x", "--eps-b", "2", "--no-stats"], r"eps_b must be in \[0, 1\], got 2.0"),
+    (["generate", "--prompt", "x", "--corpus-draft", "-1", "--no-stats"], "corpus_draft must be >= 0, got -1"),
     (["generate", "--prompt", "x", "--temperature", "0", "--do-sample", "--no-stats"],
      "temperature must be > 0 when do_sample=True"),
     (["generate", "--prompt", "x", "--model-dir", "/nonexistent/dir"], "pretrained model directory /nonexistent/dir lacks"),
