@@ -1,5 +1,6 @@
-"""In-process A/B of a module-level boolean of the library (a switch kept beside a fast path), or of
-an int constant's two values (``--values``).
+"""In-process A/B of a module-level boolean of the library (a switch kept beside a fast path), of
+an int constant's two values (``--values``), or of two values of a ``sample()`` keyword (a config
+field: ``sample.NAME --values A B``, e.g. ``sample.corpus_draft --values 0 4``).
 
 Runs ``ar`` and the given strategies with the flag off and on, interleaved per prompt (the order
 alternating between prompts and rounds), and prints each setting's total time (best of the rounds
@@ -38,7 +39,8 @@ STRATEGIES = {"speculative": dict(strategy="speculative"), "joint": dict(strateg
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("flag", help="module.NAME of a boolean, e.g. dynamo_sampling.drafters.MISS_BACKOFF, or of an "
-                                "int with --values, e.g. dynamo_sampling.drafters.PROBE_EVERY --values 16 32")
+                                "int with --values, e.g. dynamo_sampling.drafters.PROBE_EVERY --values 16 32, or "
+                                "sample.NAME of a sample() keyword with --values, e.g. sample.corpus_draft --values 0 4")
     p.add_argument("--values", type=int, nargs=2, default=None, help="an int constant's two settings")
     p.add_argument("--strategies", nargs="+", default=["speculative", "joint"], choices=list(STRATEGIES))
     p.add_argument("--mode", choices=["greedy", "sampled"], default="greedy")
@@ -49,8 +51,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     module, name = a.flag.rsplit(".", 1)
-    mod = importlib.import_module(module)
-    current = getattr(mod, name, None)
+    keyword = module == "sample"  # a sample() keyword: passed per call, no module state
+    if keyword and a.values is None:
+        raise SystemExit(f"{a.flag}: a sample() keyword takes --values A B")
+    mod = None if keyword else importlib.import_module(module)
+    current = 0 if keyword else getattr(mod, name, None)
     if a.values is None and not isinstance(current, bool):
         raise SystemExit(f"{a.flag} is not a boolean of {module} (an int constant takes --values A B)")
     if a.values is not None and (isinstance(current, bool) or not isinstance(current, int)):
@@ -67,11 +72,12 @@ def main(argv=None) -> int:
     settings = {"ar": (current, dict(strategy="ar"))}
     for value in values:
         for s in a.strategies:
-            settings[f"{s}/{name}={value}"] = (value, STRATEGIES[s])
+            settings[f"{s}/{name}={value}"] = (value, {**STRATEGIES[s], **({name: value} if keyword else {})})
 
     def run(key, ids, seed):
         value, kw = settings[key]
-        setattr(mod, name, value)
+        if not keyword:
+            setattr(mod, name, value)
         g = torch.Generator().manual_seed(seed) if sampled else None
         return sample(model, ids, max_new_tokens=64, stats=stats, do_sample=sampled, generator=g,
                       return_dict_in_generate=True, **kw)
