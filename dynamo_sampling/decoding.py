@@ -18,7 +18,8 @@ writes them out and takes the new ``last_logits`` at the row's last kept positio
   position, i.e. the next step's ``last_logits``, so the next step draws its first token from that
   residual instead of ``p``. Every emitted token is thus distributed exactly as under ``ar``.
 * ``lookup``: prompt-lookup decoding, no heads: as ``speculative`` with the lookup draft only
-  (a point-mass draft distribution) and ``heads=1``.
+  (a point-mass draft distribution: the row's own, or with statistics given the corpus's n-grams'
+  whichever is worth more, ``LookupConfig.corpus_draft``) and ``heads=1``.
 
 Only head 1 is unembedded at every fed position; heads 2..H only at each row's last kept
 position (dynamo: the last fed one), once verification has said which it is. What ``speculative``

@@ -2,13 +2,16 @@
 evidence they learn from (used by ``decoding``; the sizing rule and step costs are ``drafting.py``).
 
 Per row and step, after the first token (drawn exactly from head 1): the heads' joint draft (the
-DynaMo policy with that first token fixed), the prompt-lookup draft, or the joint's continued by
-lookup's (merged), each sized by expected kept tokens per unit of step cost, the most valuable fed.
+DynaMo policy with that first token fixed), the lookup draft (the row's own prompt lookup, or with
+statistics given the corpus's, ``lookup.CorpusDrafts``, whichever is worth more), or the joint's
+continued by lookup's (merged), each sized by expected kept tokens per unit of step cost, the most
+valuable fed.
 :class:`Drafters` holds these steps as methods of the decoding loop's state (``decoding._Decoder``
 derives from it): it reads the loop's batch shape and devices (``B``, ``W``, ``H``, ``dev``), its
 configs (``sp``, ``dynamo``, ``draft``, ``lookup``, ``stats``), the step costs (``cost*``), per-row
-host counts (``n_gen_h``, ``since_joint_h``) and the heads' state (``last_logits``, ``lazy``,
-``heads_behind``, ``step_heads``), and calls ``_policy`` and ``_catch_up_heads``.
+host counts (``n_gen_h``, ``since_joint_h``), the drafters' sources and evidence (``index``,
+``corpus``, ``joint_ev``, ``lookup_ev``, ``corpus_ev``) and the heads' state (``last_logits``,
+``lazy``, ``heads_behind``, ``step_heads``), and calls ``_policy`` and ``_catch_up_heads``.
 """
 from __future__ import annotations
 

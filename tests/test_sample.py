@@ -86,6 +86,22 @@ def _pair_frequencies(model, strategy, n_draws, prompt_token, seed):
     return counts, out
 
 
+def _triple_counts(seq: torch.Tensor, V: int) -> torch.Tensor:
+    """(n, 3) sampled tokens -> (V, V, V) float64 counts of each triple."""
+    return torch.zeros(V, V, V, dtype=torch.float64).index_put_((seq[:, 0], seq[:, 1], seq[:, 2]),
+                                                               torch.ones(len(seq), dtype=torch.float64), accumulate=True)
+
+
+def _assert_distributed_as(counts: torch.Tensor, exact: torch.Tensor, n: int, tv: float):
+    """Every cell's frequency within 5 binomial standard deviations of ``exact``, total variation
+    below ``tv``, and no draw where the exact probability is 0."""
+    freq = counts.double() / n
+    sd = (exact * (1 - exact) / n).sqrt()
+    assert ((freq - exact).abs() <= 5 * sd + 1e-9).all(), (freq - exact).abs().max()
+    assert 0.5 * (freq - exact).abs().sum() < tv
+    assert counts[exact == 0].sum() == 0
+
+
 def test_sampled_speculative_matches_ar_distribution():
     """Pairs (x1, x2) after a fixed prompt: the exact ar distribution is P1[x0, x1] * P1[x1, x2].
     Speculative drafts x2 from head 2 (a different table), so acceptance and residual draws matter.
@@ -97,11 +113,7 @@ def test_sampled_speculative_matches_ar_distribution():
     n = 60000
     counts, out = _pair_frequencies(model, "speculative", n, x0, seed=1)
     assert out.accepted.sum() > 0 and out.accepted.sum() < out.drafted.sum()  # drafts were both kept and rejected
-    freq = counts.double() / n
-    sd = (exact * (1 - exact) / n).sqrt()
-    assert ((freq - exact).abs() <= 5 * sd + 1e-9).all(), (freq - exact).abs().max()
-    assert 0.5 * (freq - exact).abs().sum() < 0.02
-    assert counts[exact == 0].sum() == 0  # zero-probability pairs never drawn
+    _assert_distributed_as(counts, exact, n, tv=0.02)
     ar_counts, _ = _pair_frequencies(model, "ar", n, x0, seed=2)
     assert 0.5 * (ar_counts.double() / n - exact).abs().sum() < 0.02
 
@@ -125,14 +137,7 @@ def test_sampled_drafting_strategies_match_ar_distribution_3_heads(strategy, opt
                  eps_b=0.0, max_draft=2, generator=torch.Generator().manual_seed(4), return_dict_in_generate=True,
                  **{"step_cost": FLAT, **options})
     assert 0 < out.accepted.sum() < out.drafted.sum()
-    seq = out.sequences[:, 6:]
-    counts = torch.zeros(5, 5, 5, dtype=torch.float64).index_put_((seq[:, 0], seq[:, 1], seq[:, 2]),
-                                                                  torch.ones(n, dtype=torch.float64), accumulate=True)
-    freq = counts / n
-    sd = (exact * (1 - exact) / n).sqrt()
-    assert ((freq - exact).abs() <= 5 * sd + 1e-9).all(), (freq - exact).abs().max()
-    assert 0.5 * (freq - exact).abs().sum() < 0.03
-    assert counts[exact == 0].sum() == 0
+    _assert_distributed_as(_triple_counts(out.sequences[:, 6:], 5), exact, n, tv=0.03)
 
 
 def test_sampled_merged_drafts_match_ar_distribution(monkeypatch):
@@ -149,12 +154,7 @@ def test_sampled_merged_drafts_match_ar_distribution(monkeypatch):
                  max_draft=2, step_cost=FLAT, generator=torch.Generator().manual_seed(5), return_dict_in_generate=True)
     assert merged[0] > 1000 and 0 < out.accepted.sum() < out.drafted.sum()
     assert (out.histogram[:, 2] > 0).any()  # some steps kept a merged draft whole
-    seq = out.sequences[:, 8:]
-    freq = torch.zeros(5, 5, 5, dtype=torch.float64).index_put_((seq[:, 0], seq[:, 1], seq[:, 2]),
-                                                                torch.ones(n, dtype=torch.float64), accumulate=True) / n
-    sd = (exact * (1 - exact) / n).sqrt()
-    assert ((freq - exact).abs() <= 5 * sd + 1e-9).all(), (freq - exact).abs().max()
-    assert 0.5 * (freq - exact).abs().sum() < 0.03
+    _assert_distributed_as(_triple_counts(out.sequences[:, 8:], 5), exact, n, tv=0.03)
 
 
 def _count_merged_drafts(monkeypatch) -> list:
@@ -221,12 +221,7 @@ def test_sampled_corpus_drafts_match_ar_distribution(monkeypatch, strategy):
                  eps_b=0.0, max_draft=2, stats=_random_corpus_stats(5, seed=6), step_cost=FLAT,
                  generator=torch.Generator().manual_seed(7), return_dict_in_generate=True)
     assert fed[0] > 1000 and 0 < out.accepted.sum() < out.drafted.sum()
-    seq = out.sequences[:, 1:]
-    freq = torch.zeros(5, 5, 5, dtype=torch.float64).index_put_((seq[:, 0], seq[:, 1], seq[:, 2]),
-                                                                torch.ones(n, dtype=torch.float64), accumulate=True) / n
-    sd = (exact * (1 - exact) / n).sqrt()
-    assert ((freq - exact).abs() <= 5 * sd + 1e-9).all(), (freq - exact).abs().max()
-    assert 0.5 * (freq - exact).abs().sum() < 0.03
+    _assert_distributed_as(_triple_counts(out.sequences[:, 1:], 5), exact, n, tv=0.03)
 
 
 @pytest.mark.parametrize("strategy", ["lookup", "speculative"])
