@@ -46,9 +46,9 @@ class LookupConfig:
     max_ngram: int = 3  # the longest suffix tried first: longer matches are more often right
     min_ngram: int = 1  # back off down to this size; 1 drafts after any repeated token
     max_draft: int = 8  # draft tokens per row and step (D); the verify forward feeds 1 + D
-    # where co-occurrence statistics are given: a second lookup draft, from the corpus (CorpusDrafts), of at
-    # most this many tokens (and max_draft), competing with the row's own; 0: none (prompt lookup alone, as
-    # transformers has it)
+    # where co-occurrence statistics are given and drafts are sized by cost (DraftConfig.size_by): a second
+    # lookup draft, from the corpus (CorpusDrafts), of at most this many tokens (and max_draft), competing
+    # with the row's own; 0: none (prompt lookup alone, as transformers has it)
     corpus_draft: int = 4
 
     def validate(self):
