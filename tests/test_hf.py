@@ -191,15 +191,21 @@ def left_padded(seed: int, lens=(5, 9, 2, 7)):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("strategy", ["ar", "speculative"])
+@pytest.mark.parametrize("strategy", ["ar", "speculative", "lookup+corpus"])
 def test_greedy_equals_transformers_generate(family, strategy):
     base = make_base(family)
     model = make_wrapper(base)
     ids, mask = left_padded(seed=3)
     eos = base.generation_config.eos_token_id  # GPT-NeoX's default config stops on token 2: exercised too
     ref = base.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    kw = {}
+    if strategy == "lookup+corpus":  # lookup drafts from a corpus's n-grams (statistics of this vocabulary)
+        from dynamo_sampling.cooccurrence import CooccurrenceStats
+        corpus = np.random.default_rng(0).integers(3, V, 3000)
+        strategy, kw = "lookup", dict(stats=CooccurrenceStats.build([corpus], V, max_order=3), step_cost=(1.0,))
     # eps_b=0: always draft H tokens, so verification (not the back-off) decides what is emitted
-    out = sample(model, ids, mask, strategy=strategy, max_new_tokens=24, eos_token_id=eos, pad_token_id=0, eps_b=0.0)
+    out = sample(model, ids, mask, strategy=strategy, max_new_tokens=24, eos_token_id=eos, pad_token_id=0, eps_b=0.0,
+                 **kw)
     assert ref.shape[1] <= out.shape[1]
     expected = torch.nn.functional.pad(ref, (0, out.shape[1] - ref.shape[1]), value=0)
     assert torch.equal(out, expected)
