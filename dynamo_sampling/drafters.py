@@ -315,13 +315,13 @@ class Drafters:
         if self.cost is None:  # used whole
             return LookupDraft(drafts, [len(d) for d in drafts], [float(len(d)) for d in drafts], None)
         out = LookupDraft(drafts, [], [], [], firsts=[d[0] if d else -1 for d in drafts])
-        corpus = self.corpus
+        corpus, most = self.corpus, min(self.lookup.corpus_draft, self.lookup.max_draft)
         if corpus is not None:
             out.corpus, out.corpus_firsts = [False] * self.B, [-1] * self.B
         for b, d in enumerate(drafts):
             n, v, acc = self._sized(self.lookup_ev, b, len(d))
             if corpus is not None and caps[b] > 0:
-                c = corpus.draft(self.index.tail(b, corpus.context), min(caps[b], self.lookup.corpus_draft, self.lookup.max_draft))
+                c = corpus.draft(self.index.tail(b, corpus.context), min(caps[b], most))
                 if c:
                     out.corpus_firsts[b] = c[0]
                     cn, cv, cacc = self._sized(self.corpus_ev, b, len(c))

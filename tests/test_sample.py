@@ -88,8 +88,8 @@ def _pair_frequencies(model, strategy, n_draws, prompt_token, seed):
 
 def _triple_counts(seq: torch.Tensor, V: int) -> torch.Tensor:
     """(n, 3) sampled tokens -> (V, V, V) float64 counts of each triple."""
-    return torch.zeros(V, V, V, dtype=torch.float64).index_put_((seq[:, 0], seq[:, 1], seq[:, 2]),
-                                                               torch.ones(len(seq), dtype=torch.float64), accumulate=True)
+    ones = torch.ones(len(seq), dtype=torch.float64)
+    return torch.zeros(V, V, V, dtype=torch.float64).index_put_((seq[:, 0], seq[:, 1], seq[:, 2]), ones, accumulate=True)
 
 
 def _assert_distributed_as(counts: torch.Tensor, exact: torch.Tensor, n: int, tv: float):
