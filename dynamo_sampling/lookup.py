@@ -284,11 +284,11 @@ class CorpusDrafts:
     context (``x1 * V ** (n-1) + ... + x_{n-1} * V`` up to ``+ V``), memoised per context.
     :func:`brute_force_corpus_draft` counts the corpus directly, same semantics, for the tests."""
 
-    def __init__(self, stats, min_count: int = CORPUS_MIN_COUNT):
+    def __init__(self, stats, min_count: Optional[int] = None):
         self.V = int(stats.vocab_size)
         self.context = int(stats.max_order) - 1  # tokens of context at the longest
         self.tables = {n: stats.table(n) for n in range(2, int(stats.max_order) + 1)}
-        self.min_count = min_count
+        self.min_count = CORPUS_MIN_COUNT if min_count is None else min_count
         self._next: Dict[Tuple[int, ...], Optional[int]] = {}
 
     def next_token(self, context: Tuple[int, ...]) -> Optional[int]:
