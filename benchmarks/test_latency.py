@@ -51,16 +51,19 @@ def assets():
 
 
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
-@pytest.mark.parametrize("strategy", ["ar", "dynamo", "speculative", "lookup"])
+@pytest.mark.parametrize("strategy", ["ar", "dynamo", "speculative", "lookup", "lookup_alone"])
 def test_generate_latency(benchmark, assets, strategy, batch_size):
+    """``lookup`` drafts from the row and the corpus (statistics given); ``lookup_alone`` is prompt
+    lookup alone (``corpus_draft=0``), the peer without heads."""
     model, stats = assets.model, assets.stats
     ids = prefix_tokens(PROMPT_LEN, batch_size, model.vocab_size)
     last = {}
+    kw = dict(strategy="lookup", corpus_draft=0) if strategy == "lookup_alone" else dict(strategy=strategy)
 
     def run():
-        last["out"] = sample(model, ids, strategy=strategy, max_new_tokens=NEW_TOKENS, do_sample=False,
+        last["out"] = sample(model, ids, max_new_tokens=NEW_TOKENS, do_sample=False,
                              eos_token_id=None, return_dict_in_generate=True,
-                             stats=stats if strategy != "ar" else None)
+                             stats=stats if strategy != "ar" else None, **kw)
 
     benchmark.group = f"generate B={batch_size}"
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
