@@ -266,6 +266,7 @@ def brute_force_drafts(sequences: Sequence[Sequence[int]], cfg: LookupConfig) ->
 
 # a context seen fewer times than this in the corpus drafts nothing (backs off to a shorter one)
 CORPUS_MIN_COUNT = 2
+_INT64_MAX = (1 << 63) - 1
 
 
 class CorpusDrafts:
@@ -305,7 +306,7 @@ class CorpusDrafts:
             for t in context[len(context) - m:]:
                 base = base * V + t
             base *= V
-            lo, hi = keys.searchsorted((base, base + V))
+            lo, hi = keys.searchsorted((base, min(base + V, _INT64_MAX)))  # V ** max_order may be 2 ** 63
             if hi > lo:
                 c = counts[lo:hi]
                 if int(c.sum()) >= self.min_count:

@@ -232,3 +232,15 @@ def test_corpus_draft_takes_the_most_frequent_follower_and_backs_off():
     assert drafter.draft([9, 2], 1) == [3]
     assert drafter.draft([7], 2) == []  # seen once: below the minimum count of 2
     assert CorpusDrafts(CooccurrenceStats.build(docs, 10, max_order=3), min_count=1).draft([7], 2) == [6]
+
+
+def test_corpus_drafts_at_the_largest_vocabulary_the_statistics_allow():
+    """V ** 3 == 2 ** 63 (order-3 keys fill int64): the last context's key range ends at 2 ** 63."""
+    from dynamo_sampling.cooccurrence import CooccurrenceStats
+    from dynamo_sampling.lookup import CorpusDrafts, brute_force_corpus_draft
+    V = 1 << 21
+    docs = [[V - 1, V - 1, V - 2, V - 1, V - 1, V - 2], [5, 6, 7, 5, 6, 7]]
+    drafter = CorpusDrafts(CooccurrenceStats.build(docs, V, max_order=3), min_count=1)
+    for tail in ([V - 1, V - 1], [V - 2, V - 1], [5, 6]):
+        assert drafter.draft(tail, 4) == brute_force_corpus_draft(docs, tail, 4, 3, 1)
+    assert drafter.draft([V - 1, V - 1], 1) == [V - 2]
