@@ -22,6 +22,11 @@ def check_positions(positions: torch.Tensor, limit: int, what: str):
         torch._assert_async(positions.max() < limit, f"a position is beyond {what} ({limit} positions)")
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``; no op is dispatched where it already is (a few microseconds each on a CPU)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class KVCache:
     """Preallocated keys and values of ``n_layers`` attention layers, addressed by position.
 
@@ -89,13 +94,13 @@ class FeedPlan:
         step's shapes never depend on data (what a CUDA graph needs); else ``max(positions) + 1``
         (on a CPU reading it is no device sync).
     slots : (B, T) int64 or None; the cache slot each fed token writes (padding -> the spare slot).
-    rope : the model's rotary tables at ``position_ids``, set by the model that builds the plan
-        (``rope_whole``: TinyMTP's fast path's layout of them).
+    rope : the model's rotary tables at ``position_ids`` in the layout its layers read, set by the
+        model that builds the plan (TinyMTP: whole-head, sin signed; Hugging Face: the family's).
     """
 
     def __init__(self, positions: torch.Tensor, cache: Optional[KVCache] = None):
         B, T = positions.shape
-        self.positions, self.cache, self.rope, self.rope_whole = positions, cache, None, None
+        self.positions, self.cache, self.rope = positions, cache, None
         valid = positions >= 0
         self.position_ids = torch.where(valid, positions, 0)
         q_pos = self.position_ids[:, None, :, None]
@@ -147,7 +152,6 @@ class FeedPlan:
             return (torch.arange(N, device=dev)[:, None, None], torch.arange(h, device=dev)[None, :, None],
                     self.slots.repeat(g, 1)[:, None, :])
         index = self._cached(("index", N, h), make)
-        cast = lambda t, dtype: t if t.dtype == dtype else t.to(dtype)  # noqa: E731  (no op dispatched for none)
-        keys.index_put_(index, cast(k, keys.dtype))
-        values.index_put_(index, cast(v, values.dtype))
-        return cast(keys[:, :, :self.n_slots], k.dtype), cast(values[:, :, :self.n_slots], v.dtype)
+        keys.index_put_(index, as_dtype(k, keys.dtype))
+        values.index_put_(index, as_dtype(v, values.dtype))
+        return as_dtype(keys[:, :, :self.n_slots], k.dtype), as_dtype(values[:, :, :self.n_slots], v.dtype)

@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cache import FeedPlan, KVCache, check_positions
+from .cache import FeedPlan, KVCache, as_dtype, check_positions
 
 
 @dataclass
@@ -289,26 +289,25 @@ def grouped_block(x: torch.Tensor, w: GroupWeights, plan: FeedPlan, cache: Optio
     xn = F.layer_norm(x, (d,), eps=cfg.norm_eps)
     qkv = linear(xn, w.qkv_w, w.qkv_b, w.packed and w.packed.qkv)
     qkv = qkv.view(B, T, g, 3, nh, hd).permute(3, 2, 0, 4, 1, 5)  # (3, g, B, nh, T, hd)
-    cos, sin = plan.rope_whole  # (B, 1, T, hd) broadcasts over (g, B, nh, T, hd)
-    # attention runs in the cache's dtype (TinyMTP.new_cache); no op is dispatched where nothing changes
-    dt = qkv.dtype if cache is None else cache.dtype
-    cast = lambda t, dtype=dt: t if t.dtype == dtype else t.to(dtype)  # noqa: E731
-    v = cast(qkv[2]).reshape(g * B, nh, T, hd)
+    cos, sin = plan.rope  # whole-head tables (B, 1, T, hd) broadcast over (g, B, nh, T, hd)
+    dt = qkv.dtype if cache is None else cache.dtype  # attention runs in the cache's dtype (TinyMTP.new_cache)
+    v = as_dtype(qkv[2], dt).reshape(g * B, nh, T, hd)
     mask = plan.grouped_mask(g)
     if rows is None:  # q and k in one rotation
-        q, k = cast(apply_rotary_whole(qkv[:2], cos, sin))
+        q, k = as_dtype(apply_rotary_whole(qkv[:2], cos, sin), dt)
         k = k.reshape(g * B, nh, T, hd)
     else:  # the queries at the rows read: rotate only those
-        k = cast(apply_rotary_whole(qkv[1], cos, sin)).reshape(g * B, nh, T, hd)
+        k = as_dtype(apply_rotary_whole(qkv[1], cos, sin), dt).reshape(g * B, nh, T, hd)
         T = rows.shape[1]
         pick = rows[None, :, None, :, None]  # (1, B, 1, T', 1)
         at = pick[0].expand(B, 1, T, hd)
-        q = cast(apply_rotary_whole(qkv[0].gather(3, pick.expand(g, B, nh, T, hd)), cos.gather(2, at), sin.gather(2, at)))
+        q = as_dtype(apply_rotary_whole(qkv[0].gather(3, pick.expand(g, B, nh, T, hd)), cos.gather(2, at),
+                                        sin.gather(2, at)), dt)
         x = x.gather(1, rows[:, :, None].expand(B, T, d))
         mask = plan.rows_mask(rows, g)
     q = q.reshape(g * B, nh, T, hd)
     keys, values = (k, v) if cache is None else plan.write(*cache.group(first_layer, g), k, v)
-    attn = cast(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask), x.dtype)  # (g*B, nh, T, hd)
+    attn = as_dtype(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask), x.dtype)  # (g*B, nh, T, hd)
     attn = attn.view(g, B, nh, T, hd).permute(0, 1, 3, 2, 4).reshape(g, B * T, d)
     h = x.reshape(1, B * T, d) + _stage(attn, w.proj_w, w.proj_b, w.packed, 0)  # (g, B*T, d)
     ff = F.gelu(_stage(F.layer_norm(h, (d,), eps=cfg.norm_eps), w.fc1_w, w.fc1_b, w.packed, 1))
@@ -421,8 +420,7 @@ class TinyMTP(nn.Module):
 
     def _plan(self, positions, cache) -> FeedPlan:
         plan = FeedPlan(positions, cache)
-        plan.rope = rotary_tables(plan.position_ids, self.config.head_dim, self.config.rope_base)
-        plan.rope_whole = rotary_whole(*plan.rope)  # what grouped_block reads
+        plan.rope = rotary_whole(*rotary_tables(plan.position_ids, self.config.head_dim, self.config.rope_base))
         return plan
 
     def _fast_hidden(self, input_ids, positions, cache, heads, rows=None):
