@@ -343,16 +343,22 @@ class Drafters:
         """Feed the lookup draft (its sized length) in the rows where it is worth more than the
         joint's (``joint_value`` (B,), or None where no row evaluated the joint); returns those rows."""
         B, W, dev, D = self.B, self.W, self.dev, self.lookup.max_draft
-        draft = torch.tensor([d + [-1] * (D - len(d)) for d in lookup.drafts], dtype=torch.long, device=dev).view(B, D)
-        ld = torch.tensor(lookup.length, dtype=torch.long, device=dev)
+        # one host-to-device copy: per row the draft (-1 padded), its sized length and, where drafts are sized by
+        # cost, each drafter's first token (-1 where it has no draft)
+        guesses = [] if self.cost is None else [lookup.firsts]
+        if guesses and lookup.corpus is not None:
+            guesses.append(lookup.corpus_firsts)
+        packed = torch.tensor([d + [-1] * (D - len(d)) + [n] + [g[b] for g in guesses]
+                               for b, (d, n) in enumerate(zip(lookup.drafts, lookup.length))],
+                              dtype=torch.long, device=dev).view(B, D + 1 + len(guesses))
+        draft, ld = packed[:, :D], packed[:, D]
         use = ld > 0
         if joint_value is not None:
             use &= torch.tensor(lookup.value, dtype=torch.float64, device=dev) > joint_value
-        if self.cost is not None:  # -1 where the drafter has no draft
-            prop.guess_lookup = torch.tensor(lookup.firsts, dtype=torch.long, device=dev)
-            if lookup.corpus is not None:
-                prop.guess_corpus = torch.tensor(lookup.corpus_firsts, dtype=torch.long, device=dev)
-                prop.corpus_rows = lookup.corpus
+        if guesses:
+            prop.guess_lookup = packed[:, D + 1]
+            if len(guesses) > 1:
+                prop.guess_corpus, prop.corpus_rows = packed[:, D + 2], lookup.corpus
         prop.from_lookup = use
         prop.n = torch.where(use, 1 + ld, prop.n)
         prop.tokens[:, 1:1 + D] = torch.where(use[:, None], draft, prop.tokens[:, 1:1 + D])
