@@ -95,16 +95,19 @@ def main(argv=None) -> int:
                 if r == 0:
                     steps[key] += int(out.steps.sum())
     n = len(prompts)
-    tokens = 64 * sum(len(p) for p in prompts)
+    rows_fed = sum(len(p) for p in prompts)  # prompts: with --batch-size, n batches of them
+    tokens = 64 * rows_fed
     best = {k: sum(min(t[i + n * r] for r in range(a.rounds)) for i in range(n)) for k, t in times.items()}
     rows = [dict(setting=k, seconds=round(best[k], 3), speedup_vs_ar=round(best["ar"] / best[k], 3),
                  tokens_per_step=round(tokens / steps[k], 3)) for k in keys]
-    print(f"| {a.mode}, B={a.batch_size}, {n} prompts{', failing heads' if a.failing else ''} | s | vs ar | tokens/step |")
+    print(f"| {a.mode}, B={a.batch_size}, {rows_fed} prompts{', failing heads' if a.failing else ''} | s | vs ar | "
+          f"tokens/step |")
     print("|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['setting']} | {r['seconds']} | {r['speedup_vs_ar']} | {r['tokens_per_step']} |")
     if a.out:
-        Path(a.out).write_text(json.dumps(dict(flag=a.flag, mode=a.mode, failing=a.failing, prompts=n, batch_size=a.batch_size,
+        Path(a.out).write_text(json.dumps(dict(flag=a.flag, mode=a.mode, failing=a.failing, prompts=rows_fed,
+                                               batch_size=a.batch_size,
                                                rounds=a.rounds, rows=rows), indent=1))
     return 0
 
