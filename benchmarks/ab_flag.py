@@ -40,7 +40,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("flag", help="module.NAME of a boolean, e.g. dynamo_sampling.drafters.MISS_BACKOFF, or of an "
                                 "int with --values, e.g. dynamo_sampling.drafters.PROBE_EVERY --values 16 32, or "
-                                "sample.NAME of a sample() keyword with --values, e.g. sample.corpus_draft --values 0 4")
+                                "sample.NAME of a sample() keyword (a bool, or an int with --values, e.g. sample.corpus_draft "
+                                "--values 0 4)")
     p.add_argument("--values", type=int, nargs=2, default=None, help="an int constant's two settings")
     p.add_argument("--strategies", nargs="+", default=["speculative", "joint"], choices=list(STRATEGIES))
     p.add_argument("--mode", choices=["greedy", "sampled"], default="greedy")
@@ -52,10 +53,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     module, name = a.flag.rsplit(".", 1)
     keyword = module == "sample"  # a sample() keyword: passed per call, no module state
-    if keyword and a.values is None:
-        raise SystemExit(f"{a.flag}: a sample() keyword takes --values A B")
     mod = None if keyword else importlib.import_module(module)
-    current = 0 if keyword else getattr(mod, name, None)
+    current = (False if a.values is None else 0) if keyword else getattr(mod, name, None)  # a keyword: bool or int
     if a.values is None and not isinstance(current, bool):
         raise SystemExit(f"{a.flag} is not a boolean of {module} (an int constant takes --values A B)")
     if a.values is not None and (isinstance(current, bool) or not isinstance(current, int)):

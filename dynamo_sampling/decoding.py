@@ -44,6 +44,7 @@ from .drafters import Drafters, Proposal
 from .drafting import STEP_COST, DraftConfig, Evidence, step_cost_tables
 from .graphs import GraphedForward
 from .lookup import CorpusDrafts, LookupConfig, NgramIndex
+from .models.cache import TreeFeed
 from .policy import DynamoConfig, dynamo_step
 from .samplers import SamplingParams
 
@@ -112,10 +113,19 @@ class _Decoder(Drafters):
                      and draft.size_by == "cost")
         self.W = {"ar": 1, "dynamo": self.H, "lookup": 1 + lookup.max_draft,
                   "speculative": max(self.H, 1 + lookup.max_draft) if uses_lookup else self.H}[strategy]
+        # lookup trees (LookupConfig.tree): with corpus drafts, on a CPU and a model that takes tree feeds, a
+        # forward may feed the two lookup drafters' drafts as two branches, up to Wf tokens
+        self.tree = ((lookup.tree or (lookup.tree is None and B == 1)) and self.corpus is not None
+                     and input_ids.device.type == "cpu" and graph_capture is None
+                     and getattr(model, "supports_tree", False))
+        self.Wf = 1 + 2 * lookup.max_draft if self.tree else self.W
         self.max_new = max_new_tokens
         self.static = self.dev.type != "cpu"  # fixed feed width: no host sync for T on accelerators
         prompt_len = mask.sum(1)  # (B,)
-        self.cache = model.new_cache(B, max_len=int(prompt_len.max()) + max_new_tokens)  # drafts never pass it
+        need = int(prompt_len.max()) + max_new_tokens  # kept tokens never pass it, chains of drafts neither
+        # a tree's second branch writes slots past the fed draft's: up to max_draft more where the context allows
+        self.cache = model.new_cache(B, max_len=min(need + lookup.max_draft, model.max_seq_len) if self.tree else need)
+        self.tree_slack = self.cache.max_len - need  # Drafters._branch: room for a branch beyond a row's cap
         positions = torch.where(mask, mask.long().cumsum(1) - 1, -1)  # (B, S)
         hidden = model(input_ids, positions, self.cache, heads=self.heads,
                        logits_index=torch.full((B, 1), S - 1, dtype=torch.long, device=self.dev), output_hidden=True)
@@ -140,6 +150,8 @@ class _Decoder(Drafters):
         self.joint_ev = Evidence(B, prior_first=0.0, prior_cont=0.0)  # first: prior is the heads' own q
         self.lookup_ev = Evidence(B, prior_first=0.5, prior_cont=0.8)  # a copied span tends to go on
         self.corpus_ev = Evidence(B, prior_first=0.4, prior_cont=0.5)  # the corpus's most frequent follower
+        # a second branch's first token, judged where the fed draft's token at the fork was refused
+        self.branch_ev = Evidence(B, prior_first=0.3, prior_cont=0.0)
         self.eos = torch.tensor(eos_token_id or [], dtype=torch.long, device=dev)
         self.seen = None
         if strategy in ("dynamo", "speculative") and dynamo.repetition_penalty != 1.0:
@@ -148,10 +160,11 @@ class _Decoder(Drafters):
         self.residual = None  # (B, V) draft mass to remove from the next first token (sampled rejections)
         self.next_target = None  # head 1's target at each row's last position, when the last step computed it
         self.ar_w = torch.arange(W, device=dev)
+        self.ar_f = torch.arange(self.Wf, device=dev)
         self.cost = self.cost_lookup = None
         self.joint_overhead = (0.0, 0.0)
         if strategy in ("speculative", "lookup") and draft.size_by == "cost":
-            table = step_cost_tables(model, B, W, draft, dev, sampling.do_sample,
+            table = step_cost_tables(model, B, self.Wf, draft, dev, sampling.do_sample,
                                      context=int(prompt_len.max()) + max_new_tokens // 2)
             self.cost = table[self.heads]  # a forward as this strategy runs it
             self.cost_lookup = table[1] if self.lazy or strategy == "lookup" else self.cost
@@ -243,17 +256,22 @@ class _Decoder(Drafters):
     def feed(self, prop: Proposal, T: int, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One forward over the proposal's first T columns -> hidden (B, T, step_heads, d), or
         (B, T', step_heads, d) at ``rows`` (B, T') only (the heads' layers run there alone)."""
-        fed = self.ar_w[None, :T] < prop.n[:, None]  # (B, T)
-        ids = torch.where(fed, prop.tokens[:, :T], 0)
-        pos = torch.where(fed, self.cache.lengths[:, None] + self.ar_w[None, :T], -1)
+        kw, slot = {}, None
+        if prop.branch_rows is not None:
+            ids, pos, slot, kw["tree"] = self._tree_feed(prop, T)
+            fed = pos >= 0
+        else:
+            fed = self.ar_w[None, :T] < prop.n[:, None]  # (B, T)
+            ids = torch.where(fed, prop.tokens[:, :T], 0)
+            pos = torch.where(fed, self.cache.lengths[:, None] + self.ar_w[None, :T], -1)
         if rows is not None:
             return self.forward(ids, pos, heads=self.step_heads, output_hidden=True, logits_index=rows)
         if not self.lazy:
-            return self.forward(ids, pos, heads=self.step_heads, output_hidden=True)
-        hidden, h_stem = self.forward(ids, pos, heads=self.step_heads, output_hidden=True, output_stem=True)
+            return self.forward(ids, pos, heads=self.step_heads, output_hidden=True, **kw)
+        hidden, h_stem = self.forward(ids, pos, heads=self.step_heads, output_hidden=True, output_stem=True, **kw)
         if self.stem_buf is None:
             self.stem_buf = h_stem.new_zeros(self.B, self.cache.max_len + 1, h_stem.shape[-1])
-        slot = torch.where(fed, pos, self.cache.max_len)  # padding -> the spare slot
+        slot = torch.where(fed, pos if slot is None else slot, self.cache.max_len)  # padding -> the spare slot
         self.stem_buf.scatter_(1, slot[:, :, None].expand(-1, -1, h_stem.shape[-1]), h_stem)
         return hidden
 
@@ -270,6 +288,7 @@ class _Decoder(Drafters):
         self.residual = None
         if T == 1:  # nothing drafted in any row
             return n
+        T = min(T, self.W)  # a second branch's columns follow the fed draft's (_verify_branch)
         d = prop.tokens[:, 1:T].clamp(min=0)  # (B, T-1)
         checked = torch.arange(1, T, device=dev)[None] < n[:, None]
         if not self.sp.do_sample:
@@ -289,12 +308,155 @@ class _Decoder(Drafters):
             q = torch.zeros(B, self.V, device=dev).scatter_add_(1, prop.q_ids[torch.arange(B, device=dev), r],
                                                            prop.q_probs[torch.arange(B, device=dev), r])
             self.residual = torch.where(rejected[:, None], q, 0.0)
+        if prop.other_rows is not None:
+            keep = self._verify_branch(prop, target, n_acc, keep)
         return keep
+
+    # Lookup trees: what they add to a step is decided on the host, per row in Python, with a few torch ops
+    # for the whole batch (on a CPU a tensor op costs ~5-10 us: per step, vectorised versions of the methods
+    # below measured ~0.45 ms against a ~4.5 ms one-row step, more than the branches brought).
+
+    def _settle_branches(self, prop: Proposal) -> int:
+        """Drop the branches whose fork the batch's width cap cut off (the fed draft must keep its
+        token after the fork); returns the widest row's tokens, its fed draft's and its branch's."""
+        prop.n_h = prop.n.tolist()
+        widest = 0
+        for b, br in enumerate(prop.branch_rows):
+            if br is not None and br[0] + 1 >= prop.n_h[b]:
+                prop.branch_rows[b] = br = None
+            widest = max(widest, prop.n_h[b] + (len(br[1]) if br is not None else 0))
+        if not any(prop.branch_rows):
+            prop.branch_rows = None
+        return widest
+
+    def _tree_feed(self, prop: Proposal, T: int):
+        """A forward over two branches per row: the fed draft ``[t1, d2..dn]`` in columns 0..n-1, then
+        the second branch, which continues the fed draft's token ``fork``. Each token writes the slot
+        of its column past the row's length and reads its ancestors only. Returns (ids, positions,
+        slots, TreeFeed), (B, T) each."""
+        tokens_h, L_h = prop.tokens.tolist(), self.cache.lengths.tolist()
+        rows = []
+        for b, n in enumerate(prop.n_h):
+            fork, br, _ = prop.branch_rows[b] or (0, [], None)
+            L, m = L_h[b], len(br)
+            ids = tokens_h[b][:n] + br + [0] * (T - n - m)
+            pos = [L + j for j in range(n)] + [L + fork + 1 + k for k in range(m)] + [-1] * (T - n - m)
+            attend = [[u <= t for u in range(n)] + [False] * (T - n) for t in range(n)]
+            attend += [[u <= fork for u in range(n)] + [n <= u <= t for u in range(n, T)] for t in range(n, n + m)]
+            rows.append([ids, pos] + attend + [[False] * T] * (T - n - m))
+        host = torch.tensor(rows, dtype=torch.long, device=self.dev)  # (B, 2 + T, T)
+        slots = self.cache.lengths[:, None] + self.ar_f[None, :T]
+        return host[:, 0], host[:, 1], slots, TreeFeed(slots, host[:, 2:].bool())
+
+    def _verify_branch(self, prop: Proposal, target: torch.Tensor, n_acc: torch.Tensor, keep: torch.Tensor):
+        """Second branches: a row's is reached where head 1 refused its fed draft's token after
+        ``fork`` (exactly ``fork`` draft tokens kept); its first token is then checked against head 1
+        at the fork, the rest at the branch's own columns. Greedy: exact match. Sampling: draws from
+        head 1 at the fork, given that its fed token was refused, come from ``p`` without that token,
+        so the branch's first token is kept with probability ``p(b) / (1 - p(a))`` and, refused, both
+        leave the next step's first token (the residual); later tokens as any point-mass draft.
+        Sets ``prop.taken``, ``branch_kept`` (host lists) and ``last_at``; returns the tokens kept.
+
+        The branch's first-token evidence (``branch_ev``) is judged wherever the fed draft was refused
+        right where the other drafter's draft first differs from it, whether a branch was fed or not
+        (head 1 at that position is computed either way): greedy 0 or 1, sampling ``p(b) / (1 - p(a))``."""
+        B = len(prop.other_rows)
+        prop.taken, prop.branch_kept = [False] * B, [0] * B
+        n_h = prop.n.tolist()
+        r_h, tokens_h = n_acc.tolist(), prop.tokens.tolist()
+        checks = []  # (row, r, a, the branch's tokens, fed)
+        for b, other in enumerate(prop.other_rows):
+            r, n = r_h[b], n_h[b]  # refused at draft token r + 1
+            if other is None or r + 1 >= n or len(other) <= r or other[:r] != tokens_h[b][1:1 + r]:
+                continue
+            a = tokens_h[b][1 + r]
+            if other[r] == a:  # the other draft holds the refused token too
+                continue
+            fed = prop.branch_rows is not None and prop.branch_rows[b] is not None
+            checks.append((b, r, a, prop.branch_rows[b][1] if fed else [other[r]], fed))
+        if not checks:
+            prop.last_at = (keep - 1).clamp(min=0)
+            return keep
+        if self.sp.do_sample:  # per row p(a), p(b1) at the fork, p(b_k) at branch column k - 1: one gather
+            idx = [(b, col, tok) for b, r, a, br, _ in checks
+                   for col, tok in [(r, a), (r, br[0])] + [(n_h[b] + k - 1, br[k]) for k in range(1, len(br))]]
+            rows_i, cols_i, toks_i = zip(*idx)
+            p_all = target[list(rows_i), list(cols_i), list(toks_i)].tolist()
+            u_all = self.sp.uniform((sum(len(c[3]) for c in checks if c[4]),), self.dev).tolist()
+        else:
+            t_all = target.tolist()
+        keep_h, at_h = keep.tolist(), [max(k - 1, 0) for k in keep.tolist()]
+        both, refused, taken_rows = [], [], []
+        i = j = 0
+        for b, r, a, br, fed in checks:
+            m = len(br)
+            if self.sp.do_sample:
+                p = p_all[i:i + 1 + m]
+                i += 1 + m
+                judged = min(p[1] / max(1.0 - p[0], 1e-30), 1.0)
+                u = u_all[j:j + m] if fed else [1.0]
+                j += m if fed else 0
+                ok = [u[0] < judged] + [u[k] < p[k + 1] for k in range(1, m)]
+            else:
+                t = t_all[b]
+                ok = [br[0] == t[r]] + [br[k] == t[n_h[b] + k - 1] for k in range(1, m)]
+                judged = float(ok[0])
+            self.branch_ev.add_first(b, judged)
+            if not fed:
+                continue
+            kept = 0
+            while kept < m and ok[kept]:
+                kept += 1
+            if kept == 0:
+                both.append((b, br[0]))  # both refused at the fork: the residual holds a already
+                continue
+            prop.taken[b], prop.branch_kept[b] = True, kept
+            keep_h[b], at_h[b] = 1 + r + kept, n_h[b] + kept - 1
+            taken_rows.append(b)
+            if kept < m:
+                refused.append((b, br[kept]))
+        if self.sp.do_sample:
+            res = self.residual
+            if taken_rows:
+                res[taken_rows] = 0.0
+            for pairs in (both, refused):
+                if pairs:
+                    rb, rt = zip(*pairs)
+                    res.index_put_((torch.tensor(rb), torch.tensor(rt)), res.new_ones(len(rb)), accumulate=True)
+        out = torch.tensor([keep_h, at_h], dtype=torch.long, device=self.dev)
+        prop.last_at = out[1]
+        return out[0]
+
+    def _keep_branch(self, prop: Proposal):
+        """Where a second branch was kept: its tokens follow the fed draft's first ``fork`` in
+        ``prop.tokens`` (what commit writes out) and its keys and values (and, with heads on demand,
+        stem outputs) move from their columns' slots to their positions' (``KVCache.move``)."""
+        if not any(prop.taken):
+            return
+        L_h, spare = self.cache.lengths.tolist(), self.cache.max_len
+        K = max(prop.branch_kept)
+        cells, src, dst = [], [[spare] * K for _ in prop.taken], [[spare] * K for _ in prop.taken]
+        for b, taken in enumerate(prop.taken):
+            if not taken:
+                continue
+            fork, br, _ = prop.branch_rows[b]
+            for k in range(prop.branch_kept[b]):
+                cells.append((b, 1 + fork + k, br[k]))
+                src[b][k], dst[b][k] = L_h[b] + prop.n_h[b] + k, L_h[b] + fork + 1 + k
+        rows_i, cols_i, toks_i = zip(*cells)
+        prop.tokens[list(rows_i), list(cols_i)] = torch.tensor(toks_i, dtype=torch.long, device=self.dev)
+        moves = torch.tensor([src, dst], dtype=torch.long, device=self.dev)
+        self.cache.move(moves[0], moves[1])
+        if self.stem_buf is not None:
+            d = self.stem_buf.shape[-1]
+            at = lambda i: i[:, :, None].expand(-1, -1, d)  # noqa: E731
+            self.stem_buf.scatter_(1, at(moves[1]), self.stem_buf.gather(1, at(moves[0])))
 
     # ------------------------------------------------------------ commit
 
     def commit(self, prop: Proposal, keep: torch.Tensor, T: int):
         """Write the kept tokens out (on the device); returns keep, cut after the first EOS."""
+        T = min(T, self.W)  # a kept branch is in prop.tokens by now (_keep_branch)
         tokens = prop.tokens[:, :T]
         if self.eos.numel():  # stop at the first EOS among the kept tokens
             is_eos = torch.isin(tokens, self.eos) & (self.ar_w[None, :T] < keep[:, None])
@@ -337,18 +499,31 @@ class _Decoder(Drafters):
             if not drafting:
                 continue
             drafted, accepted = max(n - 1, 0), max(kept - 1, 0)
-            self.drafted_h[b] += drafted
+            branch = prop.branch_rows is not None and prop.branch_rows[b] is not None
+            self.drafted_h[b] += drafted + (len(prop.branch_rows[b][1]) if branch else 0)
             self.accepted_h[b] += accepted
             from_lookup = bool(lk) and row[4] > 0
             if self.joint_eval_h[b]:  # evaluated this step: was its draft the one fed?
                 self.joint_miss_h[b] = 0 if drafted and not from_lookup else self.joint_miss_h[b] + 1
             if prop.judged is not None:  # the evidence: only sizing by cost reads it
-                self._add_evidence(prop, b, row[j:], drafted, accepted, from_lookup)
+                trunk_accepted = accepted
+                if branch:
+                    trunk_accepted = self._branch_evidence(prop, b, accepted)
+                self._add_evidence(prop, b, row[j:], drafted, trunk_accepted, from_lookup)
             if fed is not None:
                 extend[b] = fed[b][:accepted]
         if fed is not None:
             self.index.extend(extend)
         return all(self.done_h), any(row[1] > 0 for row in rows)
+
+    def _branch_evidence(self, prop: Proposal, b: int, accepted: int) -> int:
+        """A second branch's step into its drafter's evidence: its draft (the shared tokens up to the
+        fork, then the branch) as fed (its first token's, ``branch_ev``, is _verify_branch's). Returns
+        the fed draft's own accepted tokens."""
+        fork, tokens, is_corpus = prop.branch_rows[b]
+        taken, kept, m = prop.taken[b], prop.branch_kept[b], len(tokens)
+        (self.corpus_ev if is_corpus else self.lookup_ev).add_fed(b, fork + m, fork + kept if taken else min(accepted, fork))
+        return fork if taken else accepted
 
     # ------------------------------------------------------------ one step
 
@@ -356,7 +531,10 @@ class _Decoder(Drafters):
         active = ~self.done
         active_h = [not d for d in self.done_h]
         prop = self.propose(active, active_h)
-        T = self.W if self.static else max(int(prop.n.max()), 1)
+        if prop.branch_rows is not None:  # lookup trees: the rows' fed drafts, then their branches
+            T = self._settle_branches(prop)
+        else:
+            T = self.W if self.static else max(int(prop.n.max()), 1)
         if self.lazy and T == 1:  # no row feeds a draft (e.g. the batch's drafts capped away): head 1 alone
             self.step_heads = 1
         rows = torch.arange(self.B, device=self.dev)
@@ -377,6 +555,9 @@ class _Decoder(Drafters):
                 self._judge_first_guesses(prop, target[:, 0], active)
             keep = self.verify(prop, target)
             at = (keep - 1).clamp(min=0)
+            if prop.last_at is not None:  # lookup trees (_verify_branch)
+                at = prop.last_at
+                self._keep_branch(prop)
             self.next_target = target[rows, at]
             new_last = head1[rows, at][:, None]
             if self.step_heads > 1:  # heads 2..H only at the last kept position
@@ -420,9 +601,8 @@ class _Decoder(Drafters):
         for name in ("rows_h", "done_h", "n_gen_h", "steps_h", "drafted_h", "accepted_h", "hist_h", "kept_h",
                      "since_joint_h", "joint_eval_h", "joint_miss_h"):
             setattr(self, name, [getattr(self, name)[b] for b in keep])
-        self.joint_ev.select(keep)
-        self.lookup_ev.select(keep)
-        self.corpus_ev.select(keep)
+        for ev in (self.joint_ev, self.lookup_ev, self.corpus_ev, self.branch_ev):
+            ev.select(keep)
         if self.index is not None:
             self.index.select(keep)
         self.B = len(keep)

@@ -63,6 +63,14 @@ class Proposal:
     judged: Optional[list] = None
     joint_len: Optional[list] = None  # host, per row: joint tokens of a merged draft, -1 where not merged
     corpus_rows: Optional[list] = None  # host, per row: the fed draft is the corpus's (lookup.CorpusDrafts)
+    # lookup trees (LookupConfig.tree, one row): the other lookup drafter's draft continuing the fed one's
+    # token ``fork`` (0: the first token), verified in the same forward (models.cache.TreeFeed)
+    branch_rows: Optional[list] = None  # host, per row: (fork, tokens, the branch is the corpus's) or None
+    other_rows: Optional[list] = None  # host, per row: the other lookup drafter's whole draft (or None)
+    n_h: Optional[list] = None  # host copy of n, where a step has branches
+    taken: Optional[list] = None  # host, per row, after verify: the branch was kept
+    branch_kept: Optional[list] = None  # host, per row, after verify: its tokens kept
+    last_at: Optional[torch.Tensor] = None  # (B,) int64, after verify: the fed column of the last kept token
 
 
 @dataclass
@@ -78,6 +86,8 @@ class LookupDraft:
     firsts: Optional[list] = None  # the row's own lookup draft's first token (-1: none), fed or not
     corpus: Optional[list] = None  # rows whose draft is the corpus's (with corpus drafts)
     corpus_firsts: Optional[list] = None  # the corpus draft's first token (-1: none), fed or not
+    branches: Optional[list] = None  # per row: (fork, tokens, is the corpus's) of a second branch, or None
+    others: Optional[list] = None  # per row: the losing drafter's draft (lookup trees), or None
 
 
 def _point_masses(prop: Proposal, at: torch.Tensor):
@@ -318,6 +328,8 @@ class Drafters:
         corpus, most = self.corpus, min(self.lookup.corpus_draft, self.lookup.max_draft)
         if corpus is not None:
             out.corpus, out.corpus_firsts = [False] * self.B, [-1] * self.B
+        if self.tree:
+            out.branches, out.others = [None] * self.B, [None] * self.B
         for b, d in enumerate(drafts):
             n, v, acc = self._sized(self.lookup_ev, b, len(d))
             if corpus is not None and caps[b] > 0:
@@ -325,12 +337,50 @@ class Drafters:
                 if c:
                     out.corpus_firsts[b] = c[0]
                     cn, cv, cacc = self._sized(self.corpus_ev, b, len(c))
+                    other = (d, False)
                     if cv > v:
                         drafts[b], n, v, acc, out.corpus[b] = c, cn, cv, cacc, True
+                    else:
+                        other = (c, True)
+                    if self.tree and n > 0 and other[0]:
+                        out.others[b] = other[0]
+                        out.branches[b], v = self._branch(b, drafts[b][:n], acc, *other, caps[b], v)
             out.length.append(n)
             out.value.append(v)
             out.accept.append(acc)
         return out
+
+    def _branch(self, b: int, trunk: list, acc: list, other: list, is_corpus: bool, cap: int, value: float):
+        """Lookup trees: ``other`` (the losing drafter's draft) as a second branch beside ``trunk`` (the
+        fed draft, sized, with acceptance estimates ``acc``), continuing trunk's token ``fork``, where
+        the two first differ. Its tokens are kept only where head 1 refuses the trunk's token there
+        and then takes the branch's: the branch's first token is judged by ``branch_ev`` (it is right
+        where the trunk's is wrong), the rest by its drafter's continuation rate. Sized by expected
+        kept tokens per unit of cost, ``1 + len(trunk) + m`` tokens fed. Returns ((fork, tokens,
+        is_corpus) or None, the draft's value)."""
+        n, fork = len(trunk), 0
+        while fork < min(n, len(other)) and trunk[fork] == other[fork]:
+            fork += 1
+        # the branch's slots follow the trunk's: within the cache (cap + tree_slack more slots after the first)
+        most = min(min(len(other), self.lookup.max_draft, cap) - fork, cap + self.tree_slack - n)
+        if fork >= n or most < 1:
+            return None, value
+        cost, acc = self.cost_lookup_h, [min(max(a, 0.0), 1.0) for a in acc[:n]]
+        kept, surv = 1.0, 1.0  # the trunk's expected kept tokens; the chance of reaching its token j
+        for j, a in enumerate(acc):
+            if j == fork:
+                reach = surv
+            surv *= a
+            kept += surv
+        surv = reach * (1.0 - acc[fork])  # at the fork, the trunk's token refused
+        cont = (self.corpus_ev if is_corpus else self.lookup_ev).cont_rate(b)
+        best, extra = 0, 0.0
+        for m in range(1, most + 1):
+            surv *= self.branch_ev.first_rate(b) if m == 1 else cont
+            extra += surv
+            if (kept + extra) / cost[n + m] > value:
+                best, value = m, (kept + extra) / cost[n + m]
+        return ((fork, other[fork:fork + best], is_corpus) if best else None), value
 
     def _sized(self, ev, b: int, d: int) -> tuple:
         """A d-token draft of a drafter with evidence ``ev`` (its first and continuation rates) in
@@ -351,6 +401,10 @@ class Drafters:
         packed = torch.tensor([d + [-1] * (D - len(d)) + [n] + [g[b] for g in guesses]
                                for b, (d, n) in enumerate(zip(lookup.drafts, lookup.length))],
                               dtype=torch.long, device=dev).view(B, D + 1 + len(guesses))
+        if joint_value is None and lookup.others and any(lookup.others):  # a joint's draft is a chain
+            prop.other_rows = lookup.others
+            if any(lookup.branches):
+                prop.branch_rows = lookup.branches
         draft, ld = packed[:, :D], packed[:, D]
         use = ld > 0
         if joint_value is not None:

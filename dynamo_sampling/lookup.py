@@ -50,6 +50,11 @@ class LookupConfig:
     # lookup draft, from the corpus (CorpusDrafts), of at most this many tokens (and max_draft), competing
     # with the row's own; 0: none (prompt lookup alone, as transformers has it)
     corpus_draft: int = 4
+    # lookup trees: with corpus drafts, on a CPU, with a model that takes tree feeds (TinyMTP), the losing
+    # draft of the two is verified beside the winner in the same forward, as a second branch, where that is
+    # worth its cost. None: with one row (B = 1), where it was measured to pay (README, "Lookup trees"); in a
+    # batch every row pays for the widest row's tokens. True: at any batch size; False: never
+    tree: Optional[bool] = None
 
     def validate(self):
         """Check every field's type and range (``TypeError`` / ``ValueError`` naming it); numpy
@@ -60,6 +65,10 @@ class LookupConfig:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
             setattr(self, name, int(value))
+        if self.tree is not None:
+            if not isinstance(self.tree, bool) and type(self.tree).__name__ != "bool_":
+                raise TypeError(f"tree must be a bool or None, got {type(self.tree).__name__} ({self.tree!r})")
+            self.tree = bool(self.tree)
         if self.min_ngram < 1:
             raise ValueError(f"min_ngram must be >= 1, got {self.min_ngram}")
         if self.max_ngram < self.min_ngram:

@@ -788,3 +788,63 @@ def test_finished_rows_leave_the_batch_with_the_same_results(model, monkeypatch,
         assert torch.equal(getattr(a, field), getattr(b, field)), field
     assert streamed_a == streamed_b
     assert streamed_a == [row[:n] for row, n in zip(a.sequences[:, S:].tolist(), a.new_tokens.tolist())]
+
+
+def _count_branches(monkeypatch) -> dict:
+    """{'fed': second branches fed, 'taken': kept} (lookup trees), counted as the loop runs."""
+    from dynamo_sampling import decoding
+    count, keep = {"fed": 0, "taken": 0}, decoding._Decoder._keep_branch
+
+    def counted(self, prop):
+        if prop.branch_rows is not None:
+            count["fed"] += sum(b is not None for b in prop.branch_rows)
+            count["taken"] += sum(prop.taken)
+        return keep(self, prop)
+    monkeypatch.setattr(decoding._Decoder, "_keep_branch", counted)
+    return count
+
+
+@pytest.mark.parametrize("strategy", ["lookup", "speculative"])
+def test_lookup_trees_keep_greedy_equal_to_ar(model, monkeypatch, strategy):
+    """Second branches (the losing lookup drafter's draft beside the fed one, LookupConfig.tree) are
+    fed and some kept, one row at a time (the default) and forced in a ragged batch; every greedy
+    output equals ar's, and tree=False feeds none."""
+    branches = _count_branches(monkeypatch)
+    ids, mask = ragged_batch(5, seed=23, min_len=3, max_len=20)
+    ids[:, -4:] = ids[:, -12:-8]  # repeated spans: prompt lookup drafts too
+    stats = _random_corpus_stats(model.vocab_size, seed=4, tokens=3000)
+    ar = sample(model, ids, mask, strategy="ar", max_new_tokens=16)
+    for b in range(5):
+        row = ids[b:b + 1, mask[b].bool()]
+        assert torch.equal(sample(model, row, strategy=strategy, max_new_tokens=16, stats=stats, step_cost=FLAT),
+                           ar[b:b + 1, -row.shape[1] - 16:])
+    alone = dict(branches)
+    assert alone["fed"] > 0
+    out = sample(model, ids, mask, strategy=strategy, max_new_tokens=16, stats=stats, step_cost=FLAT, tree=True,
+                 return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ar)
+    assert branches["fed"] > alone["fed"] and (branches["taken"] > 0 or strategy == "speculative")
+    fed = branches["fed"]
+    assert torch.equal(sample(model, ids[:1], strategy=strategy, max_new_tokens=16, stats=stats, step_cost=FLAT,
+                              tree=False), ar[:1])
+    assert branches["fed"] == fed
+    with pytest.raises(TypeError, match="tree must be a bool or None"):
+        sample(model, ids, mask, strategy=strategy, max_new_tokens=4, stats=stats, tree=1)
+
+
+@pytest.mark.parametrize("strategy", ["lookup", "speculative"])
+def test_sampled_lookup_trees_match_ar_distribution(monkeypatch, strategy):
+    """Triples after a prompt with copies in it, statistics of a random corpus given, trees forced in
+    the batch: second branches are fed, some kept (the branch's first token kept with probability
+    p(b) / (1 - p(a)) after the fed draft's a was refused, both left out of the next draw if not);
+    every cell within 5 sd, TV < 0.03."""
+    branches = _count_branches(monkeypatch)
+    model = random_table_model(V=5, H=3, seed=8)
+    P = torch.softmax(model.table[0], -1).double()
+    prompt, n = [1, 3, 1, 2, 4, 1], 30000
+    exact = P[prompt[-1]][:, None, None] * P[:, :, None] * P[None]
+    out = sample(model, torch.tensor([prompt] * n), strategy=strategy, max_new_tokens=3, do_sample=True,
+                 temperature=1.0, top_k=None, eps_b=0.0, max_draft=2, stats=_random_corpus_stats(5, seed=6),
+                 step_cost=FLAT, tree=True, generator=torch.Generator().manual_seed(7), return_dict_in_generate=True)
+    assert branches["fed"] > 1000 and 0 < branches["taken"] < branches["fed"]
+    _assert_distributed_as(_triple_counts(out.sequences[:, len(prompt):], 5), exact, n, tv=0.03)

@@ -20,8 +20,11 @@ class TableMTP(torch.nn.Module):
     def new_cache(self, batch_size, max_len=None, dtype=None, device=None):
         return KVCache(0, batch_size, 1, max_len or self.max_seq_len, 1, torch.float32, self.table.device)
 
+    #: a token's logits depend on the token alone: a tree feed (several draft branches at once) needs nothing
+    supports_tree = True
+
     def forward(self, input_ids, positions, cache=None, heads=None, logits_index=None, output_hidden=False,
-                output_stem=False):
+                output_stem=False, tree=None):
         heads = heads or self.n_heads
         stem = input_ids[..., None].float()  # the "stem output" is the token itself
         if logits_index is not None:

@@ -68,6 +68,15 @@ class KVCache:
         self.lengths = self.lengths.index_select(0, rows)
         self._groups = {}
 
+    def move(self, src: torch.Tensor, dst: torch.Tensor):
+        """Copy every layer's keys and values at slots ``src`` (B, K) to slots ``dst`` (B, K) of the same
+        row (a kept draft branch to its positions' slots, :class:`TreeFeed`; src == dst: nothing moves)."""
+        n, B, h, _, hd = self.k.shape
+        K = src.shape[1]
+        at = lambda i: i[None, :, None, :, None].expand(n, B, h, K, hd)  # noqa: E731
+        for t in (self.k, self.v):
+            t.scatter_(3, at(dst), t.gather(3, at(src)))
+
     def group(self, first: int, g: int):
         """Layers ``first..first+g-1`` as one batch: keys and values views (g*B, kv_heads, max_len + 1, head_dim)
         (made once per group while ``k`` and ``v`` are the same tensors)."""
@@ -78,6 +87,35 @@ class KVCache:
                                     self.v[first:first + g].view(g * B, h, S1, hd)))
             self._groups[first, g] = hit
         return hit[2]
+
+
+class TreeFeed:
+    """Draft tokens of one forward that branch: several continuations of a row's committed tokens fed
+    at once (a tree of drafts), each told apart by the cache slot it writes (``decoding`` moves the kept
+    branch's keys and values to their positions' slots afterwards, :meth:`KVCache.move`).
+
+    slots : (B, T) int64; the slot each fed token writes (its position where there is no branch).
+    attend : (B, T, T) bool; fed token t may read fed token u (its ancestors in the tree and itself).
+    A fed token also reads every slot below its row's lowest fed position (the committed tokens)."""
+
+    def __init__(self, slots: torch.Tensor, attend: torch.Tensor):
+        self.slots, self.attend = slots, attend
+
+    def mask(self, valid: torch.Tensor, slots: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, S) bool over the slots ``slot_ids`` (S,): the committed slots, then each fed
+        token's ancestors at their slots (``slots``: padding at the spare slot, beyond S)."""
+        B, T = slots.shape
+        S = slot_ids.shape[0]
+        if B == 1 and T and S == int(slots[0, -1]) + 1 == int(slots[0, 0]) + T and bool(valid.all()):
+            # one row feeding slots S - T..S - 1 (what decoding's lookup trees feed): two ops, not ten
+            return torch.cat([self.attend.new_ones(1, 1, T, S - T), self.attend[:, None]], dim=3)
+        base = torch.where(valid, slots, torch.iinfo(torch.long).max).min(1).values  # the root's slot
+        mask = torch.zeros(B, 1, T, S + 1, dtype=torch.bool, device=slots.device)
+        mask[..., :S] = (slot_ids[None, :] < base[:, None])[:, None, None, :]
+        keys = torch.where(valid, slots, S)  # padding keys -> the extra column, dropped below
+        mask.scatter_(3, keys[:, None, None, :].expand(B, 1, T, T), (self.attend & valid[:, None, :])[:, None])
+        mask = mask[..., :S]
+        return mask | ~valid[:, None, :, None] & (slot_ids == 0)  # a padding query reads slot 0 (never empty)
 
 
 class FeedPlan:
@@ -98,12 +136,14 @@ class FeedPlan:
         model that builds the plan (TinyMTP: whole-head, sin signed; Hugging Face: the family's).
     """
 
-    def __init__(self, positions: torch.Tensor, cache: Optional[KVCache] = None):
+    def __init__(self, positions: torch.Tensor, cache: Optional[KVCache] = None, tree: Optional["TreeFeed"] = None):
         B, T = positions.shape
         self.positions, self.cache, self.rope = positions, cache, None
         valid = positions >= 0
         self.position_ids = torch.where(valid, positions, 0)
         q_pos = self.position_ids[:, None, :, None]
+        if tree is not None and cache is None:
+            raise ValueError("a tree feed (TreeFeed) needs a cache: its branches are told apart by their slots")
         if cache is None:
             self.slots, self.n_slots = None, T
             key_pos = torch.where(valid, positions, torch.iinfo(torch.long).max)  # padding keys: never read
@@ -111,10 +151,15 @@ class FeedPlan:
         else:
             if cache.batch_size != B:
                 raise ValueError(f"the cache holds {cache.batch_size} rows, the input {B}")
-            check_positions(positions, cache.max_len, "the cache's max_len")
-            self.n_slots = cache.max_len if cache.static else max(int(positions.max()) + 1, 1)
-            self.slots = torch.where(valid, positions, cache.max_len)
-            self.mask = torch.arange(self.n_slots, device=positions.device)[None, None, None, :] <= q_pos
+            at = positions if tree is None else torch.where(valid, tree.slots, -1)
+            check_positions(at, cache.max_len, "the cache's max_len")
+            self.n_slots = cache.max_len if cache.static else max(int(at.max()) + 1, 1)
+            self.slots = torch.where(valid, at, cache.max_len)
+            slot_ids = torch.arange(self.n_slots, device=positions.device)
+            if tree is None:
+                self.mask = slot_ids[None, None, None, :] <= q_pos
+            else:
+                self.mask = tree.mask(valid, self.slots, slot_ids)
         self._memo = {}
 
     def _cached(self, key, make):

@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cache import FeedPlan, KVCache, as_dtype, check_positions
+from .cache import FeedPlan, KVCache, TreeFeed, as_dtype, check_positions
 
 
 @dataclass
@@ -317,6 +317,8 @@ def grouped_block(x: torch.Tensor, w: GroupWeights, plan: FeedPlan, cache: Optio
 class TinyMTP(nn.Module):
     """Reference MTP model. See the module docstring for the layout and the protocol."""
 
+    #: the inference forward takes ``tree=`` (:class:`~dynamo_sampling.models.cache.TreeFeed`)
+    supports_tree = True
     #: inference forwards have no host sync and, at a fixed feed width, fixed shapes: the decoding
     #: loop may replay them from a CUDA graph (``sample(..., cuda_graph=True)``)
     supports_cuda_graph = True
@@ -418,16 +420,16 @@ class TinyMTP(nn.Module):
             self._inference = (key, stem, groups, norm_w, norm_b)
         return self._inference[1:]
 
-    def _plan(self, positions, cache) -> FeedPlan:
-        plan = FeedPlan(positions, cache)
+    def _plan(self, positions, cache, tree=None) -> FeedPlan:
+        plan = FeedPlan(positions, cache, tree)
         plan.rope = rotary_whole(*rotary_tables(plan.position_ids, self.config.head_dim, self.config.rope_base))
         return plan
 
-    def _fast_hidden(self, input_ids, positions, cache, heads, rows=None):
+    def _fast_hidden(self, input_ids, positions, cache, heads, rows=None, tree=None):
         self._check_positions(positions)
         cfg = self.config
         weights = self.inference_weights()
-        plan = self._plan(positions, cache)
+        plan = self._plan(positions, cache, tree)
         x = self.embed(input_ids)
         for i, w in enumerate(weights[0]):
             x = grouped_block(x, w, plan, cache, i, cfg)[0]
@@ -493,7 +495,7 @@ class TinyMTP(nn.Module):
 
     def forward(self, input_ids, positions, cache: Optional[KVCache] = None, heads: Optional[int] = None,
                 logits_index: Optional[torch.Tensor] = None, output_hidden: bool = False, reference: bool = False,
-                output_stem: bool = False):
+                output_stem: bool = False, tree: Optional[TreeFeed] = None):
         """Run the model.
 
         Parameters
@@ -511,6 +513,9 @@ class TinyMTP(nn.Module):
             by default inference (no autograd) runs the grouped fast path.
         output_stem : also return the stem output (B, T, d) at every fed position, for
             :meth:`extra_heads` later.
+        tree : :class:`~dynamo_sampling.models.cache.TreeFeed` or None: the fed tokens branch (several
+            drafts verified in one forward); each writes its own slot and reads its ancestors only.
+            Fast path only (inference).
 
         Returns
         -------
@@ -520,11 +525,14 @@ class TinyMTP(nn.Module):
         if not 1 <= heads <= self.config.n_heads:
             raise ValueError(f"heads must be in 1..{self.config.n_heads}, got {heads}")
         if reference or torch.is_grad_enabled():
+            if tree is not None:
+                raise ValueError("a tree feed runs on the inference fast path only; expected reference=False "
+                                 "under torch.no_grad() or torch.inference_mode()")
             hidden, h_stem = self._reference_hidden(input_ids, positions, cache, heads)
             if logits_index is not None:
                 hidden = hidden.gather(1, logits_index[:, :, None, None].expand(-1, -1, *hidden.shape[2:]))
         else:  # (B, T or T', heads, d), (B, T, d)
-            hidden, h_stem = self._fast_hidden(input_ids, positions, cache, heads, logits_index)
+            hidden, h_stem = self._fast_hidden(input_ids, positions, cache, heads, logits_index, tree)
         out = hidden if output_hidden else self.head_logits(hidden)
         return (out, h_stem) if output_stem else out
 
