@@ -170,6 +170,9 @@ def _add_generate(sub):
     p.add_argument("--corpus-draft", type=int, default=None, metavar="N",
                    help="lookup / speculative: corpus drafts of at most N tokens from the statistics' n-grams "
                         "(0: none; default: LookupConfig's)")
+    p.add_argument("--lookup-tree", choices=("auto", "on", "off"), default="auto",
+                   help="lookup / speculative with corpus drafts: feed the losing lookup draft as a second branch "
+                        "where it pays (auto: with one row, README 'Lookup trees')")
     p.add_argument("--dynamo", default=None, metavar="JSON",
                    help='other DynamoConfig fields as a JSON object, e.g. the setting with ar\'s variety (README): '
                         '\'{"adaptive_threshold": false, "repetition_penalty": 20, "alpha_c": 1.1}\'')
@@ -250,6 +253,8 @@ def _run_generate(args) -> int:
         overrides["eps_b"] = args.eps_b
     if args.corpus_draft is not None:
         overrides["corpus_draft"] = args.corpus_draft
+    if args.lookup_tree != "auto":
+        overrides["tree"] = args.lookup_tree == "on"
     streamer = TextStreamer(tok) if args.stream else None
     if streamer:
         sys.stdout.write(prompt)

@@ -21,9 +21,10 @@ strategy does the same work); quality metrics use the completion cut at its firs
 
 *Settings*: ``ar``; ``dynamo`` at every ``--eps-b`` value; ``speculative`` (drafts sized by step cost,
 lookup drafts competing with the heads' joint), its variants ``no_lookup`` (joint drafts only) and
-``thresholds`` (DynaMo's thresholds size the drafts, at every ``--eps-b``) and ``no_corpus`` (no lookup
-drafts from the corpus's n-grams); ``lookup`` (prompt-lookup decoding, no heads: the peer a user without
-heads picks) and ``lookup/corpus`` (with the corpus's drafts beside the row's own); the ``dynamo`` ablations
+``thresholds`` (DynaMo's thresholds size the drafts, at every ``--eps-b``), ``no_corpus`` (no lookup
+drafts from the corpus's n-grams) and ``no_tree`` (no second branch); ``lookup`` (prompt-lookup decoding,
+no heads: the peer a user without heads picks), ``lookup/corpus`` (with the corpus's drafts beside the
+row's own, the losing one fed as a second branch where it pays) and ``lookup/corpus_no_tree``; the ``dynamo`` ablations
 ``no_cooc`` (alpha_c = 0: no co-occurrence weighting or mask), ``no_adaptive`` (no Otsu threshold)
 and ``no_blur`` (Otsu without the blur) at every ``--ablation-eps-b`` value; each greedy and sampled
 (temperature ``--temperature``, top-k ``--top-k``). Greedy runs use the first seed only (they are
@@ -100,10 +101,11 @@ SPEC_ABLATIONS = {
     "no_merge": {"merge": False},  # lookup and joint drafts compete; no joint draft is continued by lookup
     "thresholds": {"size_by": "thresholds", "hybrid": False},  # DynaMo's thresholds size the drafts (eps_b sweep)
     "no_corpus": {"corpus_draft": 0},  # lookup drafts from the row's own tokens only, none from the corpus
+    "no_tree": {"tree": False},  # the two lookup drafters' drafts compete; the loser is never fed as a branch
 }
 # the lookup strategy's rows: the peer (prompt lookup alone, as transformers has it) and the library's
 # default with statistics given (the corpus's drafts competing with the row's own: lookup.CorpusDrafts)
-LOOKUP_VARIANTS = {"none": {"corpus_draft": 0}, "corpus": {}}
+LOOKUP_VARIANTS = {"none": {"corpus_draft": 0}, "corpus": {}, "corpus_no_tree": {"tree": False}}
 # Defaults of the full run and of --quick; an explicit flag wins over both.
 FULL = dict(n_prompts=16, seeds=[0, 1], eps_b=[0.0, 0.05, 0.1, 0.25, 1.0], ablation_eps_b=None,
             max_new_tokens=64, prompt_tokens=192, batch_size=1)
@@ -259,7 +261,8 @@ def build_settings(strategies, modes, eps_values, ablations, ablation_eps, spec_
                     out += [Setting(strategy, mode, e, abl) for e in eps_values] if abl == "thresholds" \
                         else [Setting(strategy, mode, None, abl)]
             elif strategy == "lookup":
-                out += [Setting(strategy, mode), Setting(strategy, mode, None, "corpus")]
+                out += [Setting(strategy, mode), Setting(strategy, mode, None, "corpus"),
+                        Setting(strategy, mode, None, "corpus_no_tree")]
         if "dynamo" in strategies:
             for abl in ablations:
                 out += [Setting("dynamo", mode, e, abl) for e in ablation_eps]

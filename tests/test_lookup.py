@@ -173,6 +173,13 @@ def test_config_validation(kwargs, message):
         brute_force_drafts([[1, 2]], LookupConfig(**kwargs))
 
 
+def test_tree_must_be_a_bool_or_none():
+    for ok in (None, True, False):
+        LookupConfig(tree=ok).validate()
+    with pytest.raises(TypeError, match=r"^tree must be a bool or None, got int \(1\)$"):
+        LookupConfig(tree=1).validate()
+
+
 def test_input_validation_messages():
     cfg = LookupConfig()
     ids, mask = left_padded([[1, 2], [3]])
