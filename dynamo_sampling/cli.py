@@ -172,7 +172,7 @@ def _add_generate(sub):
                         "(0: none; default: LookupConfig's)")
     p.add_argument("--lookup-tree", choices=("auto", "on", "off"), default="auto",
                    help="lookup / speculative with corpus drafts: feed the losing lookup draft as a second branch "
-                        "where it pays (auto: with one row, README 'Lookup trees')")
+                        "where it pays (auto: lookup with one row, README 'Lookup trees')")
     p.add_argument("--dynamo", default=None, metavar="JSON",
                    help='other DynamoConfig fields as a JSON object, e.g. the setting with ar\'s variety (README): '
                         '\'{"adaptive_threshold": false, "repetition_penalty": 20, "alpha_c": 1.1}\'')

@@ -115,7 +115,7 @@ class _Decoder(Drafters):
                   "speculative": max(self.H, 1 + lookup.max_draft) if uses_lookup else self.H}[strategy]
         # lookup trees (LookupConfig.tree): with corpus drafts, on a CPU and a model that takes tree feeds, a
         # forward may feed the two lookup drafters' drafts as two branches, up to Wf tokens
-        self.tree = ((lookup.tree or (lookup.tree is None and B == 1)) and self.corpus is not None
+        self.tree = ((lookup.tree or (lookup.tree is None and B == 1 and strategy == "lookup")) and self.corpus is not None
                      and input_ids.device.type == "cpu" and graph_capture is None
                      and getattr(model, "supports_tree", False))
         self.Wf = 1 + 2 * lookup.max_draft if self.tree else self.W

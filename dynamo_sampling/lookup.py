@@ -52,8 +52,9 @@ class LookupConfig:
     corpus_draft: int = 4
     # lookup trees: with corpus drafts, on a CPU, with a model that takes tree feeds (TinyMTP), the losing
     # draft of the two is verified beside the winner in the same forward, as a second branch, where that is
-    # worth its cost. None: with one row (B = 1), where it was measured to pay (README, "Lookup trees"); in a
-    # batch every row pays for the widest row's tokens. True: at any batch size; False: never
+    # worth its cost. None: the lookup strategy with one row (B = 1), where it was measured to pay (README,
+    # "Lookup trees"; level in speculative; in a batch every row pays for the widest row's tokens). True: in
+    # lookup and speculative at any batch size; False: never
     tree: Optional[bool] = None
 
     def validate(self):

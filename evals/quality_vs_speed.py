@@ -22,7 +22,7 @@ strategy does the same work); quality metrics use the completion cut at its firs
 *Settings*: ``ar``; ``dynamo`` at every ``--eps-b`` value; ``speculative`` (drafts sized by step cost,
 lookup drafts competing with the heads' joint), its variants ``no_lookup`` (joint drafts only) and
 ``thresholds`` (DynaMo's thresholds size the drafts, at every ``--eps-b``), ``no_corpus`` (no lookup
-drafts from the corpus's n-grams) and ``no_tree`` (no second branch); ``lookup`` (prompt-lookup decoding,
+drafts from the corpus's n-grams) and ``tree`` (lookup trees: a second branch); ``lookup`` (prompt-lookup decoding,
 no heads: the peer a user without heads picks), ``lookup/corpus`` (with the corpus's drafts beside the
 row's own, the losing one fed as a second branch where it pays) and ``lookup/corpus_no_tree``; the ``dynamo`` ablations
 ``no_cooc`` (alpha_c = 0: no co-occurrence weighting or mask), ``no_adaptive`` (no Otsu threshold)
@@ -101,7 +101,7 @@ SPEC_ABLATIONS = {
     "no_merge": {"merge": False},  # lookup and joint drafts compete; no joint draft is continued by lookup
     "thresholds": {"size_by": "thresholds", "hybrid": False},  # DynaMo's thresholds size the drafts (eps_b sweep)
     "no_corpus": {"corpus_draft": 0},  # lookup drafts from the row's own tokens only, none from the corpus
-    "no_tree": {"tree": False},  # the two lookup drafters' drafts compete; the loser is never fed as a branch
+    "tree": {"tree": True},  # lookup trees: the losing lookup draft fed as a second branch where it pays
 }
 # the lookup strategy's rows: the peer (prompt lookup alone, as transformers has it) and the library's
 # default with statistics given (the corpus's drafts competing with the row's own: lookup.CorpusDrafts)

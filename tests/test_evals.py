@@ -179,7 +179,7 @@ def test_quality_vs_speed_quick_end_to_end(tiny, tmp_path):
         expected |= {f"dynamo/{mode}/eps_b={e:g}" for e in quick["eps_b"]}
         expected |= {f"speculative/thresholds/{mode}/eps_b={e:g}" for e in quick["eps_b"]}
         expected |= {f"speculative/{mode}", f"speculative/no_lookup/{mode}", f"speculative/no_merge/{mode}",
-                     f"speculative/no_corpus/{mode}", f"speculative/no_tree/{mode}", f"lookup/{mode}",
+                     f"speculative/no_corpus/{mode}", f"speculative/tree/{mode}", f"lookup/{mode}",
                      f"lookup/corpus/{mode}", f"lookup/corpus_no_tree/{mode}"}
         for abl in ("no_cooc", "no_adaptive", "no_blur", "rep2"):
             expected |= {f"dynamo/{abl}/{mode}/eps_b={e:g}" for e in quick["ablation_eps_b"]}
@@ -198,7 +198,7 @@ def test_quality_vs_speed_quick_end_to_end(tiny, tmp_path):
     assert rows["dynamo/no_cooc/greedy/eps_b=0"]["tokens_per_step"] == pytest.approx(8 / 3)
     # the exact strategies write what ar writes, greedy
     for name in ("speculative/greedy", "speculative/no_lookup/greedy", "speculative/no_merge/greedy", "lookup/greedy",
-                 "speculative/no_corpus/greedy", "speculative/no_tree/greedy", "lookup/corpus/greedy",
+                 "speculative/no_corpus/greedy", "speculative/tree/greedy", "lookup/corpus/greedy",
                  "lookup/corpus_no_tree/greedy", "speculative/thresholds/greedy/eps_b=0"):
         assert rows[name]["ties"] == 2, name
     groups = {s["group"] for s in res["same_quality"]}
