@@ -20,6 +20,10 @@ writes them out and takes the new ``last_logits`` at the row's last kept positio
 * ``lookup``: prompt-lookup decoding, no heads: as ``speculative`` with the lookup draft only
   (a point-mass draft distribution: the row's own, or with statistics given the corpus's n-grams'
   whichever is worth more, ``LookupConfig.corpus_draft``) and ``heads=1``.
+* lookup trees (``LookupConfig.tree``): the losing one of those two drafts may be fed too, as a
+  second branch after the position where the two first differ (``models.cache.TreeFeed``); it is
+  verified where head 1 refused the fed draft's token right there, and a kept branch's keys and
+  values move to their positions' slots (``KVCache.move``).
 
 Only head 1 is unembedded at every fed position; heads 2..H only at each row's last kept
 position (dynamo: the last fed one), once verification has said which it is. What ``speculative``

@@ -5,7 +5,7 @@ Per row and step, after the first token (drawn exactly from head 1): the heads' 
 DynaMo policy with that first token fixed), the lookup draft (the row's own prompt lookup, or with
 statistics given the corpus's, ``lookup.CorpusDrafts``, whichever is worth more), or the joint's
 continued by lookup's (merged), each sized by expected kept tokens per unit of step cost, the most
-valuable fed.
+valuable fed; with lookup trees, the losing lookup draft beside it as a second branch where that pays.
 :class:`Drafters` holds these steps as methods of the decoding loop's state (``decoding._Decoder``
 derives from it): it reads the loop's batch shape and devices (``B``, ``W``, ``H``, ``dev``), its
 configs (``sp``, ``dynamo``, ``draft``, ``lookup``, ``stats``), the step costs (``cost*``), per-row
