@@ -211,6 +211,36 @@ def test_greedy_equals_transformers_generate(family, strategy):
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lookup_trees_equal_transformers_generate(family, monkeypatch):
+    """Lookup trees forced in a ragged batch (TreeFeed through the family's own attention, kept branches'
+    keys and values moved): second branches are fed and some kept, and the output is transformers'
+    greedy generate's. The statistics are of the base's own greedy continuations, so the corpus's
+    drafts are right often enough to win and to lose."""
+    from dynamo_sampling import decoding
+    from dynamo_sampling.cooccurrence import CooccurrenceStats
+    count, keep = {"fed": 0, "taken": 0}, decoding._Decoder._keep_branch
+
+    def counted(self, prop):
+        if prop.branch_rows is not None:
+            count["fed"] += sum(b is not None for b in prop.branch_rows)
+            count["taken"] += sum(prop.taken)
+        return keep(self, prop)
+    monkeypatch.setattr(decoding._Decoder, "_keep_branch", counted)
+    base = make_base(family)
+    seeds = torch.randint(3, V, (48, 2), generator=torch.Generator().manual_seed(5))
+    corpus = base.generate(seeds, attention_mask=torch.ones_like(seeds), max_new_tokens=30, do_sample=False,
+                           pad_token_id=0)
+    stats = CooccurrenceStats.build([row.numpy() for row in corpus], V, max_order=3)
+    ids, mask = left_padded(seed=3)
+    eos = base.generation_config.eos_token_id
+    ref = base.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    out = sample(make_wrapper(base), ids, mask, strategy="lookup", max_new_tokens=24, eos_token_id=eos, pad_token_id=0,
+                 stats=stats, step_cost=(1.0,), tree=True)
+    assert torch.equal(out, torch.nn.functional.pad(ref, (0, out.shape[1] - ref.shape[1]), value=0))
+    assert count["fed"] > 0 and count["taken"] > 0
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def trained(request, corpus):
     """Heads trained for ~10 s per family (frozen base), with accuracies and logits before/after."""

@@ -60,7 +60,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, vmap
 
-from .cache import FeedPlan, KVCache, check_positions
+from .cache import FeedPlan, KVCache, TreeFeed, check_positions
 
 try:
     import transformers
@@ -176,6 +176,10 @@ class HFMTP(nn.Module):
     ``head_hidden``) always runs heads one by one.
     """
 
+    #: :meth:`forward` takes ``tree=`` (:class:`~dynamo_sampling.models.cache.TreeFeed`): the family's attention
+    #: reads the plan's mask and positions, and its keys and values go to the plan's slots
+    supports_tree = True
+
     def __init__(self, base_model: nn.Module, n_heads: int = 3, generator: Optional[torch.Generator] = None):
         super().__init__()
         parts = _parts(base_model)
@@ -258,15 +262,18 @@ class HFMTP(nn.Module):
         out = layer(x, **self._layer_kwargs(plan, cache_obj))
         return out[0] if isinstance(out, tuple) else out  # transformers < 5 returned tuples
 
-    def feed_plan(self, x: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache]) -> FeedPlan:
-        """The once-per-forward :class:`FeedPlan` for embeddings x (B, T, d) at positions (B, T), with the
-        base's rotary ``(cos, sin)`` (in x's dtype) as its ``rope``. No host sync on an accelerator."""
+    def feed_plan(self, x: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache],
+                  tree: Optional[TreeFeed] = None) -> FeedPlan:
+        """The once-per-forward :class:`FeedPlan` for embeddings x (B, T, d) at positions (B, T) (fed as a
+        ``tree`` of draft branches, if given), with the base's rotary ``(cos, sin)`` (in x's dtype) as its
+        ``rope``. No host sync on an accelerator."""
         check_positions(positions, self.max_seq_len, "the model's context")
-        plan = FeedPlan(positions, cache)
+        plan = FeedPlan(positions, cache, tree)
         plan.rope = _parts(self.base).rotary(x, position_ids=plan.position_ids)
         return plan
 
-    def stem_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache] = None):
+    def stem_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache] = None,
+                     tree: Optional[TreeFeed] = None):
         """input_ids, positions (B, T) -> (h_stem (B, T, d), the :class:`FeedPlan` for :meth:`head_hidden`).
 
         With grad enabled and a frozen stem, ``h_stem`` is made a leaf that requires grad, so the
@@ -277,7 +284,7 @@ class HFMTP(nn.Module):
         x = parts.embed(input_ids)  # (B, T, d)
         if parts.emb_dropout is not None:
             x = parts.emb_dropout(x)
-        plan = self.feed_plan(x, positions, cache)
+        plan = self.feed_plan(x, positions, cache, tree)
         cache_obj = _writer(plan)
         for layer in parts.layers[:-1]:
             x = self._run_layer(layer, x, plan, cache_obj)
@@ -400,7 +407,7 @@ class HFMTP(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache] = None,
                 heads: Optional[int] = None, logits_index: Optional[torch.Tensor] = None,
-                output_hidden: bool = False) -> torch.Tensor:
+                output_hidden: bool = False, tree: Optional[TreeFeed] = None) -> torch.Tensor:
         """Run the model (protocol of ``models/tiny.py``).
 
         Parameters
@@ -412,6 +419,8 @@ class HFMTP(nn.Module):
         logits_index : LongTensor (B, T') or None: compute outputs only at these indices into T.
         output_hidden : bool. True returns the heads' normed hidden states instead of logits, for
             :meth:`head_logits` to unembed only the rows the caller uses.
+        tree : :class:`~dynamo_sampling.models.cache.TreeFeed` or None: the fed tokens branch (several
+            drafts verified in one forward); each writes its own slot and reads its ancestors only.
 
         Returns
         -------
@@ -420,7 +429,7 @@ class HFMTP(nn.Module):
         ``forward(...)`` equals ``head_logits(forward(..., output_hidden=True))``.
         """
         heads = self._check_call(input_ids, positions, heads)
-        h_stem, plan = self.stem_forward(input_ids, positions, cache)
+        h_stem, plan = self.stem_forward(input_ids, positions, cache, tree)
         if logits_index is None:
             def pick(x):
                 return x
