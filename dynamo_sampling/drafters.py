@@ -27,9 +27,11 @@ from .drafting import expected_kept, size_draft, size_drafts
 # a row whose joint drafts have not been worth evaluating (drafts sized by cost) still evaluates them
 # every this many steps, so that its acceptance evidence can recover when the heads get better
 PROBE_EVERY = 32
-# a row whose last m evaluations of the joint fed no joint draft waits 2**m - 1 steps (at most
-# PROBE_EVERY) before the next, even where the bound on the joint's value says it could win
+# a row whose last m evaluations of the joint fed no joint draft waits BACKOFF_BASE**m - 1 steps (at
+# most PROBE_EVERY) before the next, even where the bound on the joint's value says it could win (base 4
+# against 2: heads that always fail 0.87-0.90x -> 0.90-0.92x ar, real heads level; README)
 MISS_BACKOFF = True
+BACKOFF_BASE = 4
 # in a batch, joint drafts are dropped when the heads they need cost the other rows more than they bring
 BATCH_GATE = True
 
@@ -184,12 +186,12 @@ class Drafters:
     def _wants_joint(self, b: int, alt: float, against_lookup: bool) -> bool:
         """Whether row b evaluates the joint this step (drafts sized by cost): a probe after PROBE_EVERY
         steps without; else where its bound beats ``alt`` (the lookup draft's value, or feeding no
-        draft's) and, after m evaluations in a row that fed no joint draft, 2**m - 1 steps have passed."""
+        draft's) and, after m evaluations in a row that fed no joint draft, BACKOFF_BASE**m - 1 steps have passed."""
         since = self.since_joint_h[b]
         if since >= PROBE_EVERY:
             return True
         m = self.joint_miss_h[b] if MISS_BACKOFF else 0
-        return since >= min((1 << m) - 1, PROBE_EVERY) and not alt >= self._joint_bound(b, against_lookup)
+        return since >= min(BACKOFF_BASE ** m - 1, PROBE_EVERY) and not alt >= self._joint_bound(b, against_lookup)
 
     def _joint_bound(self, b: int, against_lookup: bool) -> float:
         """The most a joint draft could be worth in row b: its value (expected kept tokens per unit

@@ -301,7 +301,8 @@ def test_heads_on_demand_price_a_step_without_a_joint_draft_at_head_1_alone(monk
 
 def test_a_joint_that_keeps_losing_waits_longer_before_it_is_evaluated_again(monkeypatch):
     """Where the bound on the joint's value says it could win but the row's last m evaluations fed no
-    joint draft, the row waits 2**m - 1 steps (at most PROBE_EVERY) before the next evaluation; a probe
+    joint draft, the row waits BACKOFF_BASE**m - 1 steps (4**m - 1, at most PROBE_EVERY) before the next
+    evaluation; a probe
     after PROBE_EVERY steps comes regardless, and a bound that cannot win never evaluates."""
     from dynamo_sampling import drafters
 
@@ -314,7 +315,8 @@ def test_a_joint_that_keeps_losing_waits_longer_before_it_is_evaluated_again(mon
 
     P = drafters.PROBE_EVERY
     row = Row(bound=2.0)
-    for m, first in ((0, 0), (1, 1), (2, 3), (3, 7), (4, 15), (9, min(511, P))):
+    assert drafters.BACKOFF_BASE == 4
+    for m, first in ((0, 0), (1, 3), (2, 15), (3, min(63, P)), (9, P)):
         row.joint_miss_h = [m]
         wants = []
         for since in range(P + 4):
