@@ -850,3 +850,48 @@ def test_sampled_lookup_trees_match_ar_distribution(monkeypatch, strategy):
                  step_cost=FLAT, tree=True, generator=torch.Generator().manual_seed(7), return_dict_in_generate=True)
     assert branches["fed"] > 1000 and 0 < branches["taken"] < branches["fed"]
     _assert_distributed_as(_triple_counts(out.sequences[:, len(prompt):], 5), exact, n, tv=0.03)
+
+
+def test_lookup_trees_leave_the_cache_and_saved_stem_as_a_chain_would(model, monkeypatch):
+    """Outputs cannot show a kept branch's keys, values or saved stem outputs left at the wrong slots
+    (drafts would only be worse), so this reads them: speculative with trees forced and heads on
+    demand, both lookup drafters drafting, the joint
+    evaluated every fourth step only (else it is fed every step here and no branch is); after
+    every step each row's cache at its committed positions (heads 2..H: at the positions they hold,
+    caught up after kept branches) and its saved stem outputs (at the positions heads 2..H have yet
+    to catch up on) equal a fresh forward's over the row's tokens."""
+    from dynamo_sampling import decoding
+    branches = _count_branches(monkeypatch)
+    calls = [0]
+
+    def every_fourth(self, b, alt, against_lookup):  # every row together (branches need no joint in the step)
+        calls[0] += 1
+        return self.since_joint_h[b] >= 3
+    monkeypatch.setattr(decoding._Decoder, "_wants_joint", every_fourth)
+    ids, mask = ragged_batch(3, seed=31, min_len=12, max_len=20)
+    ids[:, -4:] = ids[:, -12:-8]  # repeated spans: prompt lookup drafts beside the corpus's
+    stats = _random_corpus_stats(model.vocab_size, seed=4, tokens=3000)
+    ar = sample(model, ids, mask, strategy="ar", max_new_tokens=16)
+    checked, step = [0], decoding._Decoder.step
+    n_stem = len(model.stem) + 1  # the stem's layers and head 1's
+
+    def checked_step(self, streamer):
+        out = step(self, streamer)
+        for b in range(self.B):
+            L, Lh = int(self.cache.lengths[b]), int(self.heads_len[b])
+            row = mask[self.rows_h[b]].bool()
+            seq = torch.cat([ids[self.rows_h[b], row], self.out[b, :int(self.n_gen[b])]])[:L]
+            ref = model.new_cache(1, max_len=L + 1)
+            with torch.inference_mode():
+                _, stem = model(seq[None], torch.arange(L)[None], ref, heads=model.n_heads, output_stem=True)
+            for t, r in ((self.cache.k, ref.k), (self.cache.v, ref.v)):
+                torch.testing.assert_close(t[:n_stem, b, :, :L], r[:n_stem, 0, :, :L], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(t[n_stem:, b, :, :Lh], r[n_stem:, 0, :, :Lh], rtol=1e-4, atol=1e-4)
+            if self.stem_buf is not None:
+                torch.testing.assert_close(self.stem_buf[b, Lh:L], stem[0, Lh:], rtol=1e-4, atol=1e-4)
+            checked[0] += 1
+        return out
+    monkeypatch.setattr(decoding._Decoder, "step", checked_step)
+    out = sample(model, ids, mask, strategy="speculative", max_new_tokens=16, stats=stats, step_cost=FLAT, tree=True)
+    assert torch.equal(out, ar)
+    assert checked[0] > 0 and branches["taken"] > 0 and calls[0] > 0
