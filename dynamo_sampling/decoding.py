@@ -119,9 +119,9 @@ class _Decoder(Drafters):
                   "speculative": max(self.H, 1 + lookup.max_draft) if uses_lookup else self.H}[strategy]
         # lookup trees (LookupConfig.tree): with corpus drafts, on a CPU and a model that takes tree feeds, a
         # forward may feed the two lookup drafters' drafts as two branches, up to Wf tokens
-        self.tree = ((lookup.tree or (lookup.tree is None and B == 1 and strategy == "lookup")) and self.corpus is not None
-                     and input_ids.device.type == "cpu" and graph_capture is None
-                     and getattr(model, "supports_tree", False))
+        by_default = lookup.tree is None and B == 1 and strategy == "lookup"
+        self.tree = ((lookup.tree or by_default) and self.corpus is not None and input_ids.device.type == "cpu"
+                     and graph_capture is None and getattr(model, "supports_tree", False))
         self.Wf = 1 + 2 * lookup.max_draft if self.tree else self.W
         self.max_new = max_new_tokens
         self.static = self.dev.type != "cpu"  # fixed feed width: no host sync for T on accelerators
@@ -425,8 +425,8 @@ class _Decoder(Drafters):
                 res[taken_rows] = 0.0
             for pairs in (both, refused):
                 if pairs:
-                    rb, rt = zip(*pairs)
-                    res.index_put_((torch.tensor(rb), torch.tensor(rt)), res.new_ones(len(rb)), accumulate=True)
+                    at = torch.tensor(list(zip(*pairs)), dtype=torch.long, device=self.dev)  # (2, rows): row, token
+                    res.index_put_((at[0], at[1]), res.new_ones(at.shape[1]), accumulate=True)
         out = torch.tensor([keep_h, at_h], dtype=torch.long, device=self.dev)
         prop.last_at = out[1]
         return out[0]
@@ -526,7 +526,8 @@ class _Decoder(Drafters):
         the fed draft's own accepted tokens."""
         fork, tokens, is_corpus = prop.branch_rows[b]
         taken, kept, m = prop.taken[b], prop.branch_kept[b], len(tokens)
-        (self.corpus_ev if is_corpus else self.lookup_ev).add_fed(b, fork + m, fork + kept if taken else min(accepted, fork))
+        ev = self.corpus_ev if is_corpus else self.lookup_ev
+        ev.add_fed(b, fork + m, fork + kept if taken else min(accepted, fork))
         return fork if taken else accepted
 
     # ------------------------------------------------------------ one step
