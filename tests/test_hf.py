@@ -217,16 +217,8 @@ def test_lookup_trees_equal_transformers_generate(family, monkeypatch):
     keys and values moved): second branches are fed and some kept, and the output is transformers'
     greedy generate's. The statistics are of the base's own greedy continuations, so the corpus's
     drafts are right often enough to win and to lose."""
-    from dynamo_sampling import decoding
     from dynamo_sampling.cooccurrence import CooccurrenceStats
-    count, keep = {"fed": 0, "taken": 0}, decoding._Decoder._keep_branch
-
-    def counted(self, prop):
-        if prop.branch_rows is not None:
-            count["fed"] += sum(b is not None for b in prop.branch_rows)
-            count["taken"] += sum(prop.taken)
-        return keep(self, prop)
-    monkeypatch.setattr(decoding._Decoder, "_keep_branch", counted)
+    count = toy_models.count_branches(monkeypatch)
     base = make_base(family)
     seeds = torch.randint(3, V, (48, 2), generator=torch.Generator().manual_seed(5))
     corpus = base.generate(seeds, attention_mask=torch.ones_like(seeds), max_new_tokens=30, do_sample=False,

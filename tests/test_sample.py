@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dynamo_sampling import TinyMTP, TinyMTPConfig, sample
-from toy_models import NaNModel, oracle_model, ragged_prompts, random_table_model
+from toy_models import NaNModel, count_branches, oracle_model, ragged_prompts, random_table_model
 
 V = 101
 FLAT = (1.0,)  # step_cost: feeding more tokens costs nothing, so every useful draft is fed (deterministic)
@@ -792,18 +792,6 @@ def test_finished_rows_leave_the_batch_with_the_same_results(model, monkeypatch,
     assert streamed_a == [row[:n] for row, n in zip(a.sequences[:, S:].tolist(), a.new_tokens.tolist())]
 
 
-def _count_branches(monkeypatch) -> dict:
-    """{'fed': second branches fed, 'taken': kept} (lookup trees), counted as the loop runs."""
-    from dynamo_sampling import decoding
-    count, keep = {"fed": 0, "taken": 0}, decoding._Decoder._keep_branch
-
-    def counted(self, prop):
-        if prop.branch_rows is not None:
-            count["fed"] += sum(b is not None for b in prop.branch_rows)
-            count["taken"] += sum(prop.taken)
-        return keep(self, prop)
-    monkeypatch.setattr(decoding._Decoder, "_keep_branch", counted)
-    return count
 
 
 @pytest.mark.parametrize("strategy", ["lookup", "speculative"])
@@ -811,7 +799,7 @@ def test_lookup_trees_keep_greedy_equal_to_ar(model, monkeypatch, strategy):
     """Second branches (the losing lookup drafter's draft beside the fed one, LookupConfig.tree) are
     fed and some kept, by default in lookup one row at a time (not in speculative) and, forced, in a
     ragged batch; every greedy output equals ar's, and tree=False feeds none."""
-    branches = _count_branches(monkeypatch)
+    branches = count_branches(monkeypatch)
     ids, mask = ragged_batch(5, seed=23, min_len=3, max_len=20)
     ids[:, -4:] = ids[:, -12:-8]  # repeated spans: prompt lookup drafts too
     stats = _random_corpus_stats(model.vocab_size, seed=4, tokens=3000)
@@ -840,7 +828,7 @@ def test_sampled_lookup_trees_match_ar_distribution(monkeypatch, strategy):
     the batch: second branches are fed, some kept (the branch's first token kept with probability
     p(b) / (1 - p(a)) after the fed draft's a was refused, both left out of the next draw if not);
     every cell within 5 sd, TV < 0.03."""
-    branches = _count_branches(monkeypatch)
+    branches = count_branches(monkeypatch)
     model = random_table_model(V=5, H=3, seed=8)
     P = torch.softmax(model.table[0], -1).double()
     prompt, n = [1, 3, 1, 2, 4, 1], 30000
@@ -861,7 +849,7 @@ def test_lookup_trees_leave_the_cache_and_saved_stem_as_a_chain_would(model, mon
     caught up after kept branches) and its saved stem outputs (at the positions heads 2..H have yet
     to catch up on) equal a fresh forward's over the row's tokens."""
     from dynamo_sampling import decoding
-    branches = _count_branches(monkeypatch)
+    branches = count_branches(monkeypatch)
     calls = [0]
 
     def every_fourth(self, b, alt, against_lookup):  # every row together (branches need no joint in the step)

@@ -110,3 +110,17 @@ class SyncRecorder(torch.utils._python_dispatch.TorchDispatchMode):
         if str(func).startswith(self.SYNCS):
             self.syncs.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def count_branches(monkeypatch) -> dict:
+    """{'fed': second branches fed, 'taken': kept} (lookup trees), counted as the loop runs."""
+    from dynamo_sampling import decoding
+    count, keep = {"fed": 0, "taken": 0}, decoding._Decoder._keep_branch
+
+    def counted(self, prop):
+        if prop.branch_rows is not None:
+            count["fed"] += sum(b is not None for b in prop.branch_rows)
+            count["taken"] += sum(prop.taken)
+        return keep(self, prop)
+    monkeypatch.setattr(decoding._Decoder, "_keep_branch", counted)
+    return count
