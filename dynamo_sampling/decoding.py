@@ -359,14 +359,15 @@ class _Decoder(Drafters):
         head 1 at the fork, given that its fed token was refused, come from ``p`` without that token,
         so the branch's first token is kept with probability ``p(b) / (1 - p(a))`` and, refused, both
         leave the next step's first token (the residual); later tokens as any point-mass draft.
-        Sets ``prop.taken``, ``branch_kept`` (host lists) and ``last_at``; returns the tokens kept.
+        Sets ``prop.taken``, ``branch_kept`` (host lists) and, where a branch was kept, ``last_at``;
+        returns the tokens kept.
 
         The branch's first-token evidence (``branch_ev``) is judged wherever the fed draft was refused
         right where the other drafter's draft first differs from it, whether a branch was fed or not
         (head 1 at that position is computed either way): greedy 0 or 1, sampling ``p(b) / (1 - p(a))``."""
         B = len(prop.other_rows)
         prop.taken, prop.branch_kept = [False] * B, [0] * B
-        n_h = prop.n.tolist()
+        n_h = prop.n.tolist() if prop.n_h is None else prop.n_h  # _settle_branches' copy, where it ran
         r_h, tokens_h = n_acc.tolist(), prop.tokens.tolist()
         checks = []  # (row, r, a, the branch's tokens, fed)
         for b, other in enumerate(prop.other_rows):
@@ -379,7 +380,6 @@ class _Decoder(Drafters):
             fed = prop.branch_rows is not None and prop.branch_rows[b] is not None
             checks.append((b, r, a, prop.branch_rows[b][1] if fed else [other[r]], fed))
         if not checks:
-            prop.last_at = (keep - 1).clamp(min=0)
             return keep
         if self.sp.do_sample:  # per row p(a), p(b1) at the fork, p(b_k) at branch column k - 1: one gather
             idx = [(b, col, tok) for b, r, a, br, _ in checks
@@ -389,7 +389,8 @@ class _Decoder(Drafters):
             u_all = self.sp.uniform((sum(len(c[3]) for c in checks if c[4]),), self.dev).tolist()
         else:
             t_all = target.tolist()
-        keep_h, at_h = keep.tolist(), [max(k - 1, 0) for k in keep.tolist()]
+        keep_h = keep.tolist()
+        at_h = [max(k - 1, 0) for k in keep_h]
         both, refused, taken_rows = [], [], []
         i = j = 0
         for b, r, a, br, fed in checks:
@@ -427,6 +428,8 @@ class _Decoder(Drafters):
                 if pairs:
                     at = torch.tensor(list(zip(*pairs)), dtype=torch.long, device=self.dev)  # (2, rows): row, token
                     res.index_put_((at[0], at[1]), res.new_ones(at.shape[1]), accumulate=True)
+        if not taken_rows:
+            return keep
         out = torch.tensor([keep_h, at_h], dtype=torch.long, device=self.dev)
         prop.last_at = out[1]
         return out[0]
@@ -435,8 +438,6 @@ class _Decoder(Drafters):
         """Where a second branch was kept: its tokens follow the fed draft's first ``fork`` in
         ``prop.tokens`` (what commit writes out) and its keys and values (and, with heads on demand,
         stem outputs) move from their columns' slots to their positions' (``KVCache.move``)."""
-        if not any(prop.taken):
-            return
         L_h, spare = self.cache.lengths.tolist(), self.cache.max_len
         K = max(prop.branch_kept)
         cells, src, dst = [], [[spare] * K for _ in prop.taken], [[spare] * K for _ in prop.taken]
@@ -560,7 +561,7 @@ class _Decoder(Drafters):
                 self._judge_first_guesses(prop, target[:, 0], active)
             keep = self.verify(prop, target)
             at = (keep - 1).clamp(min=0)
-            if prop.last_at is not None:  # lookup trees (_verify_branch)
+            if prop.last_at is not None:  # a second branch was kept (lookup trees, _verify_branch)
                 at = prop.last_at
                 self._keep_branch(prop)
             self.next_target = target[rows, at]

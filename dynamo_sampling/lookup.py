@@ -333,7 +333,7 @@ class CorpusDrafts:
             if t is None:
                 break
             out.append(t)
-            context = context[1:] + (t,) if len(context) >= self.context else context + (t,)
+            context = (context + (t,))[-self.context:]
         return out
 
 

@@ -115,12 +115,13 @@ class SyncRecorder(torch.utils._python_dispatch.TorchDispatchMode):
 def count_branches(monkeypatch) -> dict:
     """{'fed': second branches fed, 'taken': kept} (lookup trees), counted as the loop runs."""
     from dynamo_sampling import decoding
-    count, keep = {"fed": 0, "taken": 0}, decoding._Decoder._keep_branch
+    count, verify = {"fed": 0, "taken": 0}, decoding._Decoder._verify_branch
 
-    def counted(self, prop):
+    def counted(self, prop, *args):
+        out = verify(self, prop, *args)
         if prop.branch_rows is not None:
             count["fed"] += sum(b is not None for b in prop.branch_rows)
             count["taken"] += sum(prop.taken)
-        return keep(self, prop)
-    monkeypatch.setattr(decoding._Decoder, "_keep_branch", counted)
+        return out
+    monkeypatch.setattr(decoding._Decoder, "_verify_branch", counted)
     return count
